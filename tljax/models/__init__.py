@@ -1,0 +1,33 @@
+"""Model registry: `config.model.name` picks a family, the other fields are its arguments.
+
+Every model is a Flax Linen module called as `model.apply(variables, inputs,
+train=False, head=True)`: with `head=False` it returns the pre-head features.
+Each module declares `blocks()`: regexes over parameter paths, one per block
+group, ordered from the input to the head; freeze presets and layer-wise
+learning-rate decay are written in terms of these groups.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import flax.linen as nn
+
+# name -> module exposing `make(**kwargs) -> nn.Module`. Imported lazily so a
+# ViT run never imports BERT code.
+_FAMILIES = {
+    "vit": "tljax.models.vit",
+    "resnet": "tljax.models.resnet",  # torchvision-style v1 (ResNet-18/50)
+    "resnetv2": "tljax.models.resnetv2",  # BiT: group norm + weight standardisation
+    "vgg": "tljax.models.vgg",
+    "efficientnet_lite": "tljax.models.efficientnet",
+    "bert": "tljax.models.bert",
+}
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Instantiates the model family `name` with keyword arguments `kwargs`."""
+    if name not in _FAMILIES:
+        raise ValueError(f"Unknown model {name!r}; known models: {', '.join(sorted(_FAMILIES))}.")
+    return importlib.import_module(_FAMILIES[name]).make(**kwargs)

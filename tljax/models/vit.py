@@ -1,0 +1,179 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) with big_vision's parameter names.
+
+The tree is `embedding`, `cls`, `pos_embedding`, `Transformer/encoderblock_{i}/
+{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}`,
+`Transformer/encoder_norm`, optional `MAPHead_0`, `pre_logits` and `head`, so a
+big_vision Linen checkpoint loads without renaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+    """`'B/16'` -> width, depth, mlp_dim, num_heads and patch_size keyword arguments."""
+    name, _, patch = variant.partition("/")
+    if name not in VARIANTS or not patch.isdigit():
+        raise ValueError(
+            f"Unknown ViT variant {variant!r}: expected NAME/PATCH with NAME in "
+            f"{sorted(VARIANTS)} and an integer patch size, e.g. 'B/16'."
+        )
+    width, depth, mlp_dim, num_heads = VARIANTS[name]
+    return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+                patch_size=(int(patch), int(patch)))
+
+
+def _gelu(approximate: bool):
+    return lambda x: nn.gelu(x, approximate=approximate)
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    dropout: float = 0.0
+    gelu_approximate: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        dense = lambda n: nn.Dense(n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                                   bias_init=nn.initializers.normal(stddev=1e-6))
+        width = x.shape[-1]
+        x = _gelu(self.gelu_approximate)(dense(self.mlp_dim)(x))
+        x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
+        return dense(width)(x)
+
+
+class Encoder1DBlock(nn.Module):
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    layernorm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(), deterministic=True)(y, y)
+        x = x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+        y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
+        y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype)(y, train)
+        return x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+
+
+class Encoder(nn.Module):
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    layernorm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        for i in range(self.depth):
+            x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
+                               self.gelu_approximate, self.dtype, name=f"encoderblock_{i}")(x, train)
+        return nn.LayerNorm(epsilon=self.layernorm_eps, name="encoder_norm")(x)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: one learned query attends over all tokens."""
+
+    mlp_dim: int
+    num_heads: int
+    layernorm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
+        probe = jnp.tile(probe, [x.shape[0], 1, 1]).astype(x.dtype)
+        x = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform())(probe, x)
+        y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
+        x = x + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate, dtype=self.dtype)(y)
+        return x[:, 0]
+
+
+class ViT(nn.Module):
+    """ViT classifier. `__call__(images, train, head=False)` returns pre-head features.
+
+    pool_type: 'tok' (class token), 'gap' (global average) or 'map' (attention pooling).
+    """
+
+    num_classes: int | None = 1000
+    patch_size: Sequence[int] = (16, 16)
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int = 3072
+    num_heads: int = 12
+    pool_type: str = "tok"
+    representation_size: int | None = None
+    dropout: float = 0.0
+    layernorm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    head_zeroinit: bool = True
+    dtype: Any = jnp.float32
+
+    def blocks(self) -> list[str]:
+        """Regexes of parameter paths from the input to the output, one per block group."""
+        return (["^(embedding|cls|pos_embedding)(/|$)"]
+                + [f"^Transformer/encoderblock_{i}/" for i in range(self.depth)]
+                + ["^(Transformer/encoder_norm|MAPHead_0|pre_logits)/", "^head/"])
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, train: bool = False, head: bool = True) -> jnp.ndarray:
+        if self.pool_type not in ("tok", "gap", "map"):
+            raise ValueError(f"pool_type={self.pool_type!r}: expected 'tok', 'gap' or 'map'.")
+        x = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size),
+                    padding="VALID", dtype=self.dtype, name="embedding")(images)
+        n, h, w, c = x.shape
+        x = jnp.reshape(x, [n, h * w, c])
+        x = x + self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(c)),
+                           (1, h * w, c)).astype(x.dtype)
+        if self.pool_type == "tok":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, c)).astype(x.dtype)
+            x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]), x], axis=1)
+        x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
+        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
+                    self.gelu_approximate, self.dtype, name="Transformer")(x, train)
+        if self.pool_type == "tok":
+            x = x[:, 0]
+        elif self.pool_type == "gap":
+            x = jnp.mean(x, axis=1)
+        else:
+            x = MAPHead(self.mlp_dim, self.num_heads, self.layernorm_eps,
+                        self.gelu_approximate, self.dtype)(x)
+        if self.representation_size:
+            x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
+        if not head or not self.num_classes:
+            return x
+        kernel_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
+                        name="head")(x).astype(jnp.float32)
+
+
+def make(variant: str | None = None, **kwargs: Any) -> ViT:
+    """A ViT from a variant name ('B/16') plus keyword overrides of any field."""
+    return ViT(**{**(decode_variant(variant) if variant else {}), **kwargs})

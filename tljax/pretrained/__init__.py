@@ -1,0 +1,1 @@
+"""Pretrained checkpoints: readers, converters into tljax trees, strict loading."""

@@ -1,0 +1,26 @@
+"""What a converted checkpoint needs besides its weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class PretrainedInfo:
+    """How to rebuild and feed a converted model.
+
+    `model_name` and `model_kwargs` rebuild the module with
+    `tljax.models.build_model(model_name, **model_kwargs)`; the remaining fields
+    describe the input the weights expect.
+    """
+
+    source: str
+    model_name: str
+    model_kwargs: dict[str, Any]
+    resolution: int | None = None
+    value_range: tuple[float, float] | None = None  # pixels 0..255 mapped linearly to this range
+    mean: tuple[float, ...] | None = None  # per-channel normalisation of 0..1 pixels
+    std: tuple[float, ...] | None = None
+    tokenizer_path: str | None = None
+    max_length: int | None = None
