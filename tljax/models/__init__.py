@@ -31,3 +31,20 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     if name not in _FAMILIES:
         raise ValueError(f"Unknown model {name!r}; known models: {', '.join(sorted(_FAMILIES))}.")
     return importlib.import_module(_FAMILIES[name]).make(**kwargs)
+
+
+def model_fields(name: str) -> set[str]:
+    """Names `config.model` may set for family `name`: the arguments of its `make`
+    plus the fields of the module class `make` is annotated to return."""
+    import dataclasses
+    import inspect
+
+    if name not in _FAMILIES:
+        raise ValueError(f"Unknown model {name!r}; known models: {', '.join(sorted(_FAMILIES))}.")
+    module = importlib.import_module(_FAMILIES[name])
+    signature = inspect.signature(module.make)
+    fields = {p.name for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD}
+    cls = getattr(module, str(signature.return_annotation), None)
+    if dataclasses.is_dataclass(cls):
+        fields |= {f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
+    return fields

@@ -1,0 +1,44 @@
+# `make run` and `make test` set everything up on first use (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+WORKDIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup data run run-vit test test-fast lint benchmark clean
+
+setup: $(STAMP) data
+
+# Debian's Fashion-MNIST is the offline copy of TFDS `fashion_mnist`.
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+$(STAMP): pyproject.toml | $(FASHION_MNIST)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(PY) tools/prepare_data.py fashion_mnist
+	$(PY) tools/prepare_data.py bbc_news
+
+# The main job: real transfer learning on the offline default (see README).
+run: setup
+	$(PY) -m tljax.main --config=configs/vit_finetune.py:runlocal --workdir=$(WORKDIR)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+benchmark: setup
+	$(PY) tools/benchmark.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,91 @@
+"""Entry point: `python -m tljax.main --config=configs/vit_finetune.py[:args] --workdir=DIR`.
+
+`--config.key=value` overrides any config field. Config mistakes stop the run
+before any work with one line saying what to change.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from tljax.config import ConfigError, closest
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with arguments: FILE:arg=value,...",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-host runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def _fail(message: str) -> None:
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _load_config_file(spec: str):
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        _fail(f"config file {path!r} not found.")
+    module_spec = importlib.util.spec_from_file_location("_tljax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _check_overrides(argv: list[str]) -> None:
+    """Names an unknown `--config.a.b=...` key with its closest valid key, in one line."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return
+    try:
+        config = _load_config_file(spec)
+    except ConfigError as e:
+        _fail(str(e))
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        node, walked = config, []
+        for part in key.split("."):
+            valid = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in valid:
+                where = ".".join(walked) or "config"
+                _fail(f"unknown config key {key!r}: {where} has no {part!r}"
+                      f"{closest(part, valid)}.")
+            node, walked = node[part], walked + [part]
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    _check_overrides(argv)
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        _fail(str(e).splitlines()[0])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        _fail("both --config=FILE and --workdir=DIR are required.")
+    if _COORDINATOR.value:
+        import jax
+
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from tljax import train  # after distributed init: nothing may touch JAX before it
+
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,111 @@
+"""What a person watches and keeps: console progress, metrics.jsonl, TensorBoard, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class MetricWriter:
+    """Appends one JSON object per log or eval step to WORKDIR/metrics.jsonl, mirrors
+    scalars to TensorBoard event files and prints a progress line.
+
+    Only the writer with `enabled=True` (process 0) touches files.
+    """
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tensorboard = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._clock: tuple[float, int] | None = None  # (time, step) the rate is measured from
+
+    def start_clock(self, step: int) -> None:
+        """Rates and ETA count from here (after the first step compiled)."""
+        self._clock = (time.perf_counter(), step)
+
+    def write(self, step: int, metrics: dict[str, Any], examples_per_step: int | None = None,
+              kind: str = "train") -> dict[str, Any]:
+        record = {"step": int(step), "kind": kind, **{k: float(v) for k, v in metrics.items()}}
+        if examples_per_step and self._clock and step > self._clock[1]:
+            elapsed = time.perf_counter() - self._clock[0]
+            steps_per_s = (step - self._clock[1]) / elapsed
+            record["examples_per_s"] = steps_per_s * examples_per_step
+            record["eta_s"] = (self.total_steps - step) / steps_per_s
+        if not self.enabled:
+            return record
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key not in ("step", "kind"):
+                self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
+        self._tensorboard.flush()
+        logging.info("%s", self.progress_line(record))
+        print(self.progress_line(record), flush=True)
+        return record
+
+    def progress_line(self, record: dict[str, Any]) -> str:
+        parts = [f"[{record['kind']}] step {record['step']}/{self.total_steps}"]
+        for key, value in record.items():
+            if key in ("step", "kind", "examples_per_s", "eta_s"):
+                continue
+            parts.append(f"{key} {value:.4g}")
+        if "examples_per_s" in record:
+            parts.append(f"{record['examples_per_s']:,.0f} ex/s")
+            parts.append(f"ETA {_duration(record['eta_s'])}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str) -> str | None:
+    """WORKDIR/curves.png: training loss and evaluation accuracy against steps."""
+    records = read_metrics(workdir)
+    train = [r for r in records if r["kind"] == "train" and "loss" in r]
+    evals = [r for r in records if r["kind"] == "eval" and "accuracy" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_acc.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-",
+                label="eval accuracy")
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("top-1 accuracy")
+    ax_acc.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, "curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,282 @@
+"""The trainer: one fine-tuning run, top to bottom.
+
+    config -> mesh -> data -> model -> pretrained init -> optimizer -> resume
+           -> jit-compiled, sharded train step -> periodic eval/checkpoint -> results
+
+Everything a run writes lands in WORKDIR: config.json, metrics.jsonl,
+tensorboard/, checkpoints/, results.json and curves.png. Starting a run on a
+workdir that holds a checkpoint resumes it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from tljax import config as config_lib
+from tljax import data, models, optim, outputs, sharding
+from tljax.checkpoint import RunCheckpoints
+
+
+def enable_compilation_cache() -> None:
+    """Persistent XLA cache: a re-run (or a resumed run) skips compilation."""
+    cache_dir = os.environ.get("TLJAX_COMPILATION_CACHE",
+                               os.path.expanduser("~/.cache/tljax/xla"))
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# ---------------------------------------------------------------------------
+# Losses and metrics.
+
+
+def softmax_xent(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """Per-example -log softmax(logits)[label]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def sigmoid_xent(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """Per-example sum over classes of binary cross-entropy against the one-hot label."""
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1])
+    return optax.sigmoid_binary_cross_entropy(logits, one_hot).sum(axis=-1)
+
+
+LOSSES = {"softmax_xent": softmax_xent, "sigmoid_xent": sigmoid_xent}
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Fine-tunes as `config` says, writing into `workdir`; returns the final eval metrics."""
+    enable_compilation_cache()
+    config_lib.validate(config, models.model_fields(config.model_name))
+    if config.loss not in LOSSES:
+        raise config_lib.ConfigError(f"config.loss={config.loss!r}: expected one of "
+                                     f"{', '.join(LOSSES)}.")
+    is_chief = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # Mesh: the batch is split over all devices; parameters follow config.sharding_rules.
+    mesh = sharding.make_mesh(config.mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    # Data. Durations in epochs or examples resolve against the training split's size.
+    source, info = data.get_source(config.input.dataset, config.input.split,
+                                   config.input.get("data_dir"))
+    train_size = len(source)
+    batch_size = config.input.batch_size
+    total_steps = config_lib.steps(config, "total", batch_size=batch_size, train_size=train_size)
+    every = {prefix: config_lib.steps(config, prefix, batch_size=batch_size,
+                                      train_size=train_size, total=total_steps)
+             for prefix in ("warmup", "log_every", "eval_every", "checkpoint_every")}
+    train_iter = data.train_batches(
+        dataset=config.input.dataset, split=config.input.split, pp=config.input.pp,
+        batch_size=batch_size, seed=config.seed, data_dir=config.input.get("data_dir"),
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+    def global_batch(local_batch: dict) -> dict:
+        return jax.tree_util.tree_map(
+            lambda x: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x)),
+            local_batch)
+
+    # Model, initialised straight into its shardings: eval_shape gives the tree
+    # without computing it, the jitted init writes each shard where it lives.
+    model_kwargs = dict(config.model)
+    if config.get("compute_dtype", "float32") != "float32":
+        model_kwargs["dtype"] = jnp.dtype(config.compute_dtype)
+    model = models.build_model(config.model_name, num_classes=info.num_classes, **model_kwargs)
+    start_state = train_iter.get_state()
+    sample = jax.tree_util.tree_map(lambda x: np.asarray(x)[:1], next(train_iter)["inputs"])
+    train_iter.set_state(start_state)
+
+    def init_variables(rng: jax.Array) -> dict:
+        return model.init({"params": rng, "dropout": rng}, sample, train=False)
+
+    root_rng = jax.random.PRNGKey(config.seed)
+    init_rng, train_rng = jax.random.split(root_rng)
+    variable_shapes = jax.eval_shape(init_variables, init_rng)
+    variable_shardings = {
+        "params": sharding.param_shardings(variable_shapes["params"], mesh, config.sharding_rules),
+        **{k: jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), v)
+           for k, v in variable_shapes.items() if k != "params"}}
+    variables = jax.jit(init_variables, out_shardings=variable_shardings)(init_rng)
+    if config.get("init") and config.init.get("source"):
+        from tljax.pretrained.loading import init_from_config
+
+        variables = jax.device_put(init_from_config(config.init, variables), variable_shardings)
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+
+    # Optimizer: frozen parameters carry no optimizer state and no gradient.
+    tx, labels = optim.make_optimizer(config, params, total_steps, every["warmup"] or 0)
+    trainable = optim.trainable_mask(labels)
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_shardings = sharding.like_params(opt_shapes, params, variable_shardings["params"], mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+             "opt_state": opt_state, "rng": train_rng}
+    state_shardings = {"step": sharding.replicated(mesh), "params": variable_shardings["params"],
+                       "model_state": {k: variable_shardings[k] for k in model_state},
+                       "opt_state": opt_shardings, "rng": sharding.replicated(mesh)}
+    state = jax.device_put(state, state_shardings)
+    report_start(config, params, labels, mesh, total_steps, train_size, is_chief)
+
+    # Resume: a checkpoint in the workdir brings back params, optimizer state,
+    # step, RNG and the data iterator's position.
+    checkpoints = RunCheckpoints(workdir, keep=config.get("keep_checkpoints", 2))
+    first_step = 0
+    if checkpoints.latest_step() is not None:
+        abstract = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+        state, data_state = checkpoints.restore(checkpoints.latest_step(), abstract)
+        train_iter.set_state(data_state)
+        first_step = int(state["step"])
+        print(f"Resumed from {workdir}/checkpoints at step {first_step}.", flush=True)
+
+    loss_fn = LOSSES[config.loss]
+
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        step_rng = jax.random.fold_in(state["rng"], state["step"])
+
+        def loss_of(params: Any) -> tuple[jnp.ndarray, dict]:
+            # No gradient reaches a frozen leaf, so XLA drops its backward pass.
+            params = jax.tree_util.tree_map(
+                lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+            variables = {"params": params, **state["model_state"]}
+            if state["model_state"]:
+                logits, new_model_state = model.apply(
+                    variables, batch["inputs"], train=True, rngs={"dropout": step_rng},
+                    mutable=list(state["model_state"]))
+            else:
+                logits = model.apply(variables, batch["inputs"], train=True,
+                                     rngs={"dropout": step_rng})
+                new_model_state = {}
+            return loss_fn(logits, batch["label"]).mean(), new_model_state
+
+        (loss, new_model_state), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        # Frozen leaves are returned as they came: bitwise unchanged, not p + 0.
+        params = jax.tree_util.tree_map(lambda p, u, t: p + u.astype(p.dtype) if t else p,
+                                        state["params"], updates, trainable)
+        new_state = {"step": state["step"] + 1, "params": params,
+                     "model_state": new_model_state, "opt_state": opt_state, "rng": state["rng"]}
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    train_step = jax.jit(train_step, donate_argnums=(0,),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)))
+    evaluate = make_evaluator(config, model, loss_fn, global_batch)
+    lr_at = optim.lr_schedule(config.lr, total_steps, every["warmup"] or 0,
+                              **dict(config.lr_schedule))
+
+    writer = outputs.MetricWriter(workdir, total_steps, enabled=is_chief)
+    train_losses: list[jax.Array] = []
+    step = first_step
+    for step in range(first_step + 1, total_steps + 1):
+        state, metrics = train_step(state, global_batch(next(train_iter)))
+        train_losses.append(metrics["loss"])
+        if step == first_step + 1:
+            jax.block_until_ready(metrics)
+            writer.start_clock(step)  # rates exclude the first step's compilation
+        if _due(step, every["log_every"], total_steps) or step == first_step + 1:
+            writer.write(step, {"loss": np.mean(jax.device_get(train_losses)),
+                                "grad_norm": metrics["grad_norm"], "lr": lr_at(step - 1)},
+                         examples_per_step=batch_size)
+            train_losses = []
+        if every["eval_every"] and step % every["eval_every"] == 0 and step != total_steps:
+            writer.write(step, evaluate(state), kind="eval")
+        if _due(step, every["checkpoint_every"], total_steps):
+            checkpoints.save(step, state, train_iter.get_state())
+
+    final = evaluate(state)
+    writer.write(total_steps, final, kind="eval")
+    checkpoints.close()
+    writer.close()
+    if is_chief:
+        write_results(workdir, config, final, info, total_steps)
+        outputs.plot_curves(workdir)
+    return final
+
+
+def _due(step: int, interval: int | None, total_steps: int) -> bool:
+    return step == total_steps or bool(interval and step % interval == 0)
+
+
+def make_evaluator(config: ml_collections.ConfigDict, model: Any, loss_fn: Any,
+                   global_batch: Any) -> Any:
+    """Top-1 accuracy and mean loss over the whole eval split.
+
+    The last batch is padded and masked, so no example is dropped or counted twice.
+    """
+
+    @jax.jit
+    def eval_step(params: Any, model_state: dict, batch: dict) -> dict:
+        logits = model.apply({"params": params, **model_state}, batch["inputs"], train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
+        return {"correct": jnp.sum(correct * mask),
+                "loss": jnp.sum(loss_fn(logits, batch["label"]) * mask),
+                "count": jnp.sum(mask)}
+
+    def evaluate(state: dict) -> dict[str, float]:
+        batches: Iterable[dict] = data.eval_batches(
+            dataset=config.input.dataset, split=config.eval.split, pp=config.eval.pp,
+            batch_size=config.eval.batch_size, data_dir=config.input.get("data_dir"),
+            process_index=jax.process_index(), process_count=jax.process_count())
+        totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+        for batch in batches:
+            sums = eval_step(state["params"], state["model_state"], global_batch(batch))
+            totals = {k: totals[k] + float(v) for k, v in sums.items()}
+        count = max(totals["count"], 1.0)
+        return {"accuracy": totals["correct"] / count, "loss": totals["loss"] / count,
+                "examples": totals["count"]}
+
+    return evaluate
+
+
+def report_start(config: ml_collections.ConfigDict, params: Any, labels: Any, mesh: Any,
+                 total_steps: int, train_size: int, is_chief: bool) -> None:
+    if not is_chief:
+        return
+    sizes = [(int(np.prod(p.shape)), label) for p, label in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(labels), strict=True)]
+    total = sum(n for n, _ in sizes)
+    trainable = sum(n for n, label in sizes if label != optim.FROZEN)
+    print(f"Model {config.model_name}: {total:,} parameters, {trainable:,} trainable "
+          f"({100 * trainable / max(total, 1):.1f}%). Mesh {dict(mesh.shape)} on "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+          f"{jax.process_count()} process(es).", flush=True)
+    print(f"Training {total_steps} steps of {config.input.batch_size} examples "
+          f"({total_steps * config.input.batch_size / train_size:.2f} epochs of "
+          f"{train_size:,}).", flush=True)
+
+
+def write_results(workdir: str, config: ml_collections.ConfigDict, final: dict[str, float],
+                  info: data.DatasetInfo, total_steps: int) -> None:
+    results: dict[str, Any] = {
+        "final_eval": final, "steps": total_steps, "dataset": info.name,
+        "eval_split": config.eval.split, "class_names": list(info.class_names),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    expected = config.get("expected")
+    if expected and expected.get("value") is not None:
+        measured = 100 * final["accuracy"]
+        results["expected"] = {**dict(expected), "measured": measured,
+                               "within_tolerance": abs(measured - expected.value)
+                               <= expected.get("tolerance", 0.0)}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
