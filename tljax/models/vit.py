@@ -169,7 +169,8 @@ class ViT(nn.Module):
             x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
         if not head or not self.num_classes:
             return x
-        kernel_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+        init = nn.initializers
+        kernel_init = init.zeros if self.head_zeroinit else init.lecun_normal()
         return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
                         name="head")(x).astype(jnp.float32)
 
