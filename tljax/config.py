@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 TOP_LEVEL = {
     "seed": "integer seed: fixes initialisation, data order, augmentation and dropout",
-    "model_name": "model family in tljax.models (vit, resnet, resnetv2, vgg, efficientnet_lite, bert)",
+    "model_name": "model family: vit, resnet, resnetv2, vgg, efficientnet_lite or bert",
     "model": "keyword arguments of the model family (checked against its constructor)",
     "init": "pretrained initialisation: source, path, dont_load regexes",
     "input": "training data: dataset, split, pp, batch_size, data_dir",
@@ -32,7 +32,7 @@ TOP_LEVEL = {
     "lr_schedule": "shape of the learning rate: decay_type (cosine, linear, constant), linear_end",
     "grad_clip_norm": "clip the global norm of trainable gradients to this (None: no clipping)",
     "freeze": "freeze preset used when `schedule` is empty: full, linear_probe, none_but=REGEX",
-    "schedule": "list of (regex, None | dict) rules: None freezes, a dict trains (first match wins)",
+    "schedule": "(regex, None | dict) rules, first match wins: None freezes, a dict trains",
     "compute_dtype": "'float32' or 'bfloat16' (parameters stay float32)",
     "mesh": "list of (axis name, size) for the device mesh, -1 takes the remaining devices",
     "sharding_rules": "list of (regex, 'replicate' | 'fsdp') deciding parameter sharding",

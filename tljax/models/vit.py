@@ -50,8 +50,9 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        dense = lambda n: nn.Dense(n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                                   bias_init=nn.initializers.normal(stddev=1e-6))
+        init = nn.initializers
+        dense = lambda n: nn.Dense(n, dtype=self.dtype, kernel_init=init.xavier_uniform(),
+                                   bias_init=init.normal(stddev=1e-6))
         width = x.shape[-1]
         x = _gelu(self.gelu_approximate)(dense(self.mlp_dim)(x))
         x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
@@ -90,8 +91,9 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         for i in range(self.depth):
-            x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
-                               self.gelu_approximate, self.dtype, name=f"encoderblock_{i}")(x, train)
+            block = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
+                                   self.gelu_approximate, self.dtype, name=f"encoderblock_{i}")
+            x = block(x, train)
         return nn.LayerNorm(epsilon=self.layernorm_eps, name="encoder_norm")(x)
 
 
