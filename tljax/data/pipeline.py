@@ -1,0 +1,259 @@
+"""Train and eval batch iterators: pure functions of the step, run ahead by grain threads.
+
+Train stream. Epoch e of the split is a permutation drawn from (seed, e); the epochs are
+concatenated into one infinite *global* stream of examples, and global batch s is stream
+positions [s*B, (s+1)*B). Process p of P takes the p-th of the P equal chunks of every global
+batch. The random ops of the example at stream position g draw from an RNG seeded with (seed, g).
+So the global batch at step s depends on neither the number of processes, nor threads, nor
+where a run was resumed: a state is just the step. Batches straddle epoch boundaries (every
+example is seen once per epoch, none is dropped).
+
+Eval. Batch b covers examples [b*B, (b+1)*B) of the split; positions past the end are padding
+(a copy of example 0 with mask False). Every process gets the same number of batches.
+
+Each local batch is built as a whole (one batched read from the source, then the pp ops), and
+grain's thread pool builds the next few batches while the current one is in use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from tljax.data.preprocess import Preprocess
+from tljax.data.sources import DatasetInfo, get_source
+
+_STATE_VERSION = 1
+_ENDLESS = 2**62  # Steps in the "infinite" train stream.
+
+
+def _read_options() -> grain.ReadOptions:
+    # Threads overlap the GIL-free parts (ArrayRecord reads, PNG decoding, PIL, tokenizers).
+    threads = int(os.environ.get("TLJAX_DATA_THREADS", 4))
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+
+
+def _local_batch_size(batch_size: int, process_count: int, process_index: int) -> int:
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(
+            f"batch_size {batch_size} (global) must be a positive multiple of process_count "
+            f"{process_count}."
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+    return batch_size // process_count
+
+
+def _fetch(source: Sequence, indices: Sequence[int]) -> list[dict]:
+    """Reads several examples at once where the source supports it (ArrayRecord does)."""
+    if hasattr(source, "__getitems__"):
+        return list(source.__getitems__(indices))
+    return [source[i] for i in indices]
+
+
+class _BatchMaker:
+    """Builds the local batch at a step from stream positions, via `index_of` to source indices.
+
+    `index_of(positions)` returns (source indices, mask); `seed` None means random ops get a
+    fixed per-position RNG (eval), which keeps them reproducible too.
+    """
+
+    def __init__(
+        self,
+        source: Sequence,
+        preprocess: Preprocess,
+        index_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]],
+        ops_seed: int,
+        global_batch: int,
+        local_batch: int,
+        process_index: int,
+    ):
+        self._source, self._preprocess, self._index_of = source, preprocess, index_of
+        self._ops_seed = ops_seed
+        self._global, self._local = global_batch, local_batch
+        self._offset = process_index * local_batch
+
+    def positions(self, step: int) -> np.ndarray:
+        start = step * self._global + self._offset
+        return np.arange(start, start + self._local, dtype=np.int64)
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        positions = self.positions(step)
+        indices, mask = self._index_of(positions)
+        examples = _fetch(self._source, [int(i) for i in indices])
+        if mask is not None:
+            examples = [{**e, "mask": bool(m)} for e, m in zip(examples, mask, strict=True)]
+        pp = self._preprocess
+        rngs = (
+            (np.random.default_rng([self._ops_seed, int(g)]) for g in positions)
+            if pp.is_random
+            else (None for _ in positions)
+        )
+        return pp.collate([pp.example(e, rng) for e, rng in zip(examples, rngs, strict=True)])
+
+
+class _EpochPermutations:
+    """Source index of every stream position: a fresh seeded permutation per epoch."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self._n, self._seed = num_examples, seed
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a handful per pipeline, freed with it.
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self._seed, epoch]).permutation(self._n)
+
+    def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, None]:
+        epochs, offsets = np.divmod(positions, self._n)
+        indices = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            indices[here] = self.permutation(int(epoch))[offsets[here]]
+        return indices, None
+
+
+def _seeds(seed: int) -> tuple[int, int]:
+    """Independent 32-bit seeds for shuffling and for random ops."""
+    shuffle_seed, ops_seed = np.random.SeedSequence(seed).generate_state(2)
+    return int(shuffle_seed), int(ops_seed)
+
+
+class TrainBatches(Iterator[dict]):
+    """Infinite iterator over this process's train batches; its state is the step."""
+
+    def __init__(self, make_batch: _BatchMaker, config: dict[str, Any], info: DatasetInfo):
+        self._make_batch = make_batch
+        self._config = config
+        self.info = info
+        self._step = 0
+        self._iterator = None
+
+    @property
+    def step(self) -> int:
+        """Number of batches handed out so far (the index of the next one)."""
+        return self._step
+
+    def batch_at(self, step: int) -> dict[str, Any]:
+        """The local batch at `step`, computed directly (no prefetching)."""
+        return self._make_batch(step)
+
+    def __next__(self) -> dict[str, Any]:
+        if self._iterator is None:
+            steps = grain.MapDataset.range(self._step, _ENDLESS).map(self._make_batch)
+            self._iterator = iter(steps.to_iter_dataset(_read_options()))
+        batch = next(self._iterator)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """A JSON-serialisable state, valid for any process_index/process_count."""
+        return {"version": _STATE_VERSION, "step": self._step, **self._config}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues from `state`: the next batch is the one an uninterrupted run would see."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"Unsupported train data state version {state.get('version')!r}.")
+        changed = [
+            f"{k}: saved {state.get(k)!r}, now {v!r}"
+            for k, v in self._config.items()
+            if state.get(k) != v
+        ]
+        if changed:
+            raise ValueError(
+                f"The train data state is for another input pipeline ({'; '.join(changed)})."
+            )
+        self._step = int(state["step"])
+        self._iterator = None  # Rebuilt from the new step on the next call.
+
+
+def _open(
+    dataset: str, split: str, data_dir: str | None, preprocess: Preprocess
+) -> tuple[Sequence, DatasetInfo]:
+    source, info = get_source(dataset, split, data_dir)
+    if len(source) == 0:
+        raise ValueError(f"Split {split!r} of {dataset!r} is empty.")
+    # Caught here rather than as an odd error from a prefetch thread.
+    if (info.kind == "text") != (preprocess.batch_op is not None):
+        need = "a tokenize(...) op at the end" if info.kind == "text" else "no tokenize op"
+        raise ValueError(
+            f"{dataset!r} is a {info.kind} dataset: pp needs {need}, got {preprocess.pp!r}."
+        )
+    return source, info
+
+
+def train_batches(
+    *,
+    dataset: str,
+    split: str,
+    pp: str,
+    batch_size: int,
+    seed: int,
+    data_dir: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> TrainBatches:
+    """This process's share of an infinite, per-epoch reshuffled stream of global batches.
+
+    Each batch is {'inputs': float32 (b, H, W, C) or dict of int32 (b, L), 'label': int32 (b,)}
+    with b = batch_size // process_count.
+    """
+    local = _local_batch_size(batch_size, process_count, process_index)
+    preprocess = Preprocess(pp)
+    source, info = _open(dataset, split, data_dir, preprocess)
+    shuffle_seed, ops_seed = _seeds(seed)
+    make_batch = _BatchMaker(
+        source,
+        preprocess,
+        _EpochPermutations(len(source), shuffle_seed),
+        ops_seed,
+        batch_size,
+        local,
+        process_index,
+    )
+    config = {"dataset": dataset, "split": split, "pp": pp, "batch_size": batch_size, "seed": seed}
+    return TrainBatches(make_batch, config, info)
+
+
+class EvalBatches(Iterator[dict]):
+    """One pass over a split in padded batches; len() is the number of batches."""
+
+    def __init__(self, make_batch: _BatchMaker, num_batches: int, info: DatasetInfo):
+        self._num_batches = num_batches
+        steps = grain.MapDataset.range(num_batches).map(make_batch)
+        self._iterator = iter(steps.to_iter_dataset(_read_options()))
+        self.info = info
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._iterator)
+
+
+def eval_batches(
+    *,
+    dataset: str,
+    split: str,
+    pp: str,
+    batch_size: int,
+    data_dir: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> EvalBatches:
+    """Every example of `split` exactly once across processes, with 'mask' for real examples."""
+    local = _local_batch_size(batch_size, process_count, process_index)
+    preprocess = Preprocess(pp)
+    source, info = _open(dataset, split, data_dir, preprocess)
+    n = len(source)
+
+    def index_of(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        real = positions < n
+        return np.where(real, positions, 0), real
+
+    make_batch = _BatchMaker(source, preprocess, index_of, 0, batch_size, local, process_index)
+    return EvalBatches(make_batch, math.ceil(n / batch_size), info)
