@@ -21,8 +21,7 @@ $(STAMP): pyproject.toml | $(FASHION_MNIST)
 	touch $(STAMP)
 
 data: $(STAMP)
-	$(PY) tools/prepare_data.py fashion_mnist
-	$(PY) tools/prepare_data.py bbc_news
+	$(PY) tools/prepare_data.py fashion_mnist bbc_news
 
 # The main job: real transfer learning on the offline default (see README).
 run: setup

@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tljax.config import ConfigError, closest
@@ -73,6 +73,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # library INFO chatter would bury the progress
     if _CONFIG.value is None or _WORKDIR.value is None:
         _fail("both --config=FILE and --workdir=DIR are required.")
     if _COORDINATOR.value:
@@ -81,9 +83,11 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from tljax import train  # after distributed init: nothing may touch JAX before it
 
+    from tljax.data import DatasetNotPreparedError
+
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
+    except (ConfigError, DatasetNotPreparedError) as e:
         _fail(str(e))
 
 

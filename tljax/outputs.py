@@ -7,8 +7,6 @@ import os
 import time
 from typing import Any
 
-from absl import logging
-
 
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -54,7 +52,6 @@ class MetricWriter:
             if key not in ("step", "kind"):
                 self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
         self._tensorboard.flush()
-        logging.info("%s", self.progress_line(record))
         print(self.progress_line(record), flush=True)
         return record
 
