@@ -82,7 +82,6 @@ def main(argv: list[str]) -> None:
 
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from tljax import train  # after distributed init: nothing may touch JAX before it
-
     from tljax.data import DatasetNotPreparedError
 
     try:
