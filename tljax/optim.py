@@ -4,82 +4,54 @@ Rules are `(regex, None | dict)` pairs over parameter names, first match wins
 (big_vision's `config.schedule`). `None` freezes the parameter: it is labelled
 'frozen' for `optax.multi_transform`, goes through `optax.set_to_zero()` and
 so holds no optimizer state. A dict trains it; its keys override
-`config.lr_schedule` for that group, and `lr_mult` scales its learning rate.
+`config.lr_schedule` for that group, `lr_mult` scales its learning rate and
+`wd_mult` its weight decay. Phases, presets and layer-wise lr decay are compiled
+in `tljax.freeze`; this module turns one phase into an optax transformation.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
-from tljax import tree
+from tljax import freeze
 from tljax.config import ConfigError
 
-FROZEN = "frozen"
+FROZEN = freeze.FROZEN
 Rules = list[tuple[str, dict | None]]
-RULE_KEYS = {"decay_type", "linear_end", "lr_mult"}
+RULE_KEYS = freeze.RULE_KEYS
 
 
-def preset(spec: str) -> Rules:
-    """Freeze rules of a named preset: 'full', 'linear_probe' or 'none_but=REGEX'."""
-    name, _, arg = spec.partition("=")
-    if name == "full":
-        return [(".*", {})]
-    if name == "linear_probe":
-        return [("^head/", {}), (".*", None)]
-    if name == "none_but" and arg:
-        re.compile(arg)
-        return [(arg, {}), (".*", None)]
-    raise ConfigError(f"Unknown freeze preset {spec!r}: expected full, linear_probe or "
-                      f"none_but=REGEX.")
+def preset(spec: str, blocks: Sequence[str] | None = None) -> Rules:
+    """Rules of a one-phase preset ('full', 'linear_probe', 'none_but=REGEX', 'bitfit', ...)."""
+    phases = freeze.preset_phases(spec, blocks)
+    if len(phases) != 1:
+        raise ConfigError(f"Freeze preset {spec!r} has {len(phases)} phases; use "
+                          f"freeze.phases_of for schedules.")
+    return list(phases[0].rules)
 
 
-def rules_of(config: ml_collections.ConfigDict) -> Rules:
-    """`config.schedule` when given, else the rules of the `config.freeze` preset."""
-    if config.get("schedule"):
-        if config.get("freeze") not in (None, "", "full"):
-            raise ConfigError(f"Both config.schedule and config.freeze={config.freeze!r} are set; "
-                              f"keep one.")
-        rules = [(pattern, None if group is None else dict(group))
-                 for pattern, group in config.schedule]
-    else:
-        rules = preset(config.get("freeze") or "full")
-    for pattern, group in rules:
-        unknown = set(group or {}) - RULE_KEYS
-        if unknown:
-            raise ConfigError(f"Schedule rule {pattern!r} has unknown keys {sorted(unknown)}; "
-                              f"valid: {sorted(RULE_KEYS)}.")
-    return rules
+def rules_of(config: ml_collections.ConfigDict, blocks: Sequence[str] | None = None,
+             step: int = 0) -> Rules:
+    """The rules in force at `step`: from `config.schedule` when given, else `config.freeze`."""
+    phases = freeze.phases_of(config, blocks)
+    index = max(i for i, p in enumerate(phases) if p.start <= step)
+    return list(phases[index].rules)
 
 
 def labels(params: Any, rules: Sequence[tuple[str, dict | None]]) -> Any:
-    """A tree of group labels: 'rule_<i>' for trainable leaves, 'frozen' otherwise.
+    """A tree of group labels for one set of rules: FROZEN or the trainable leaf's group.
 
     Every parameter must match a rule: an unmatched one is an error, since
     silently training (or freezing) it is what makes ablations wrong.
     """
-    patterns = [pattern for pattern, _ in rules]
-    unmatched = []
-
-    def label(name: str, _: Any) -> str:
-        index = tree.first_match(name, patterns)
-        if index is None:
-            unmatched.append(name)
-            return FROZEN
-        return FROZEN if rules[index][1] is None else f"rule_{index}"
-
-    result = tree.map_with_names(label, params)
-    if unmatched:
-        shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if
-                                            len(unmatched) > 5 else "")
-        raise ConfigError(f"{len(unmatched)} parameters match no schedule rule ({shown}); "
-                          f"add a catch-all rule such as ('.*', None).")
-    return result
+    config = ml_collections.ConfigDict({"schedule": [tuple(r) for r in rules]})
+    return freeze.Plan(config, params).labels(0)
 
 
 def trainable_mask(label_tree: Any) -> Any:
@@ -108,24 +80,64 @@ def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int, decay_type:
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
-                   warmup_steps: int) -> tuple[optax.GradientTransformation, Any]:
-    """(optimizer, label tree). Gradients of frozen leaves must be zero on input
-    (the train step stops them), so clipping sees trainable gradients only."""
-    rules = rules_of(config)
-    label_tree = labels(params, rules)
+def group_schedule(config: ml_collections.ConfigDict, group: freeze.Group, total_steps: int,
+                   warmup_steps: int) -> optax.Schedule:
+    """The lr of one group, as a function of that group's own update count c.
+
+    The group's state starts at step s = group.since, so the global step is t = c + s and
+        lr(c) = lr_mult * lr_global(c + s) * min(1, c / W)     (the factor only if s > 0)
+    with W = config.unfreeze_warmup_steps (None: the run's warmup length): a group that
+    unfreezes mid-run warms up again from zero.
+    """
+    base = lr_schedule(config.lr * group.lr_mult, total_steps, warmup_steps,
+                       **{**dict(config.lr_schedule), **dict(group.overrides)})
+    if not group.since:
+        return base
+    rewarm = config.get("unfreeze_warmup_steps")
+    rewarm = warmup_steps if rewarm is None else int(rewarm)
+    since = group.since
+
+    def schedule(count: Any) -> Any:
+        lr = base(count + since)
+        return lr * jnp.minimum(1.0, count / rewarm) if rewarm > 0 else lr
+
+    return schedule
+
+
+def phase_optimizer(config: ml_collections.ConfigDict, plan: freeze.Plan, index: int,
+                    total_steps: int, warmup_steps: int
+                    ) -> tuple[optax.GradientTransformation, Any]:
+    """(optimizer, label tree) of phase `index` of `plan`.
+
+    One `config.optim` transform per distinct group (lr multiplier, weight-decay
+    multiplier, schedule overrides, start step); frozen leaves go through
+    `optax.set_to_zero()` and hold no state. Gradients of frozen leaves must be zero on
+    input (the train step stops them), so clipping sees trainable gradients only.
+    """
     optim = dict(config.optim)
     name = optim.pop("name")
+    groups = {g for g in plan.groups(index).values() if g is not None}
+    if any(g.wd_mult != 1.0 for g in groups) and "weight_decay" not in optim:
+        raise ConfigError(f"wd_mults / wd_mult need an optimizer with weight_decay "
+                          f"(config.optim.name={name!r} has none set).")
     transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
-    for index, (_, group) in enumerate(rules):
-        if group is None:
-            continue
-        group = dict(group)
-        lr_mult = group.pop("lr_mult", 1.0)
-        schedule = lr_schedule(config.lr * lr_mult, total_steps, warmup_steps,
-                               **{**dict(config.lr_schedule), **group})
-        transforms[f"rule_{index}"] = getattr(optax, name)(schedule, **optim)
+    for group in sorted(groups, key=lambda g: g.label):
+        kwargs = dict(optim)
+        if "weight_decay" in kwargs:
+            kwargs["weight_decay"] = kwargs["weight_decay"] * group.wd_mult
+        transforms[group.label] = getattr(optax, name)(
+            group_schedule(config, group, total_steps, warmup_steps), **kwargs)
+    label_tree = plan.labels(index)
     tx = optax.multi_transform(transforms, label_tree)
     if config.get("grad_clip_norm"):
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     return tx, label_tree
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
+                   warmup_steps: int, *, blocks: Sequence[str] | None = None, step: int = 0,
+                   steps_per_epoch: float | None = None
+                   ) -> tuple[optax.GradientTransformation, Any]:
+    """(optimizer, label tree) of the freeze phase in force at `step`."""
+    plan = freeze.Plan(config, params, blocks, steps_per_epoch)
+    return phase_optimizer(config, plan, plan.index_at(step), total_steps, warmup_steps)

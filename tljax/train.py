@@ -175,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         state["params"], updates, trainable)
         new_state = {"step": state["step"] + 1, "params": params,
                      "model_state": new_model_state, "opt_state": opt_state, "rng": state["rng"]}
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     train_step = jax.jit(train_step, donate_argnums=(0,),
                          out_shardings=(state_shardings, sharding.replicated(mesh)))
