@@ -13,7 +13,9 @@ head, inputs in [-1, 1]; the paper reports 98.95% top-1 (Table 5).
 Arguments (comma-separated after the file name):
   model=Ti/16|S/16|B/16|L/16|...   ViT variant (NAME/PATCH).
   dataset=NAME                     a key of DATASETS below (per-dataset recipe).
-  freeze=PRESET                    full, linear_probe or none_but=REGEX.
+  freeze=PRESET                    a one-argument freeze preset (tljax.freeze), e.g.
+                                   linear_probe, last_k_blocks(2), lp_ft(lp_steps=500);
+                                   presets with commas: --config.freeze='lora(8, 16)'.
   val                              select hyper-parameters: train on the first 98%
                                    (90% for Pets/Flowers) of train, evaluate on the rest.
   runlocal                         a from-scratch tiny ViT on Fashion-MNIST at 32 px
@@ -87,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.grad_clip_norm = 1.0
     config.freeze = arg.freeze
     config.schedule = nullable(list)
+    config.llrd = nullable(float)
+    config.lr_mults = nullable(list)
+    config.wd_mults = nullable(list)
+    config.unfreeze_warmup_steps = nullable(int)
+    config.cache_features = False
     config.compute_dtype = "float32"
 
     # Durations: exactly one unit per line; the others stay None.

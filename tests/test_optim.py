@@ -47,7 +47,7 @@ def test_none_but_and_first_match_wins():
     assert trainable and all("encoderblock_1" in n or n.startswith("head/") for n in trainable)
     rules = [("^head/", {"lr_mult": 10.0}), ("^head/", None), (".*", None)]
     _, labels = optim.make_optimizer(_config(freeze="", schedule=rules), params, 10, 0)
-    assert tree.flatten(labels)["head/kernel"] == "rule_0"
+    assert tree.flatten(labels)["head/kernel"] == "lr=10,wd=1,from=0"  # the first rule's group
 
 
 def test_unmatched_parameter_is_an_error():

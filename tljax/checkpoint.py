@@ -75,12 +75,20 @@ def load_variables(directory: str, step: int | None = None) -> tuple[dict, dict]
         raise FileNotFoundError(
             f"No tljax checkpoint in {directory}: expected {directory}/variables (written by "
             f"tools/convert_checkpoint.py) or {root}/<step>/ (written by a training run).")
-    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        root, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{root} holds no finished checkpoint.")
-    # Restored as plain numpy on the host: no mesh, no abstract tree needed.
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+    # Restored as plain numpy on the host: no mesh, no abstract tree needed. Without
+    # restore_args Orbax would rebuild the saved shardings, which name the saving run's
+    # devices (all processes, all meshes) and fail anywhere else.
+    leaves = manager.item_metadata(step)["state"].tree
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), leaves)
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
     state = jax.tree_util.tree_map(np.asarray, state.state)
     metadata_path = os.path.join(os.path.dirname(root), "config.json")
     metadata = {"step": step}

@@ -10,10 +10,11 @@ workdir that holds a checkpoint resumes it exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -23,8 +24,9 @@ import numpy as np
 import optax
 
 from tljax import config as config_lib
-from tljax import data, models, optim, outputs, sharding
+from tljax import data, features, freeze, models, optim, outputs, sharding, tree
 from tljax.checkpoint import RunCheckpoints
+from tljax.models import lora
 
 
 def enable_compilation_cache() -> None:
@@ -109,76 +111,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     root_rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(root_rng)
     variable_shapes = jax.eval_shape(init_variables, init_rng)
-    variable_shardings = {
-        "params": sharding.param_shardings(variable_shapes["params"], mesh, config.sharding_rules),
-        **{k: jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), v)
-           for k, v in variable_shapes.items() if k != "params"}}
+    variable_shardings = variable_shardings_of(config, variable_shapes, mesh)
     variables = jax.jit(init_variables, out_shardings=variable_shardings)(init_rng)
     if config.get("init") and config.init.get("source"):
         from tljax.pretrained.loading import init_from_config
 
         variables = jax.device_put(init_from_config(config.init, variables), variable_shardings)
+    lora_options = freeze.lora_options(config)
+    if lora_options:
+        # Adapters join the (pretrained) base variables: B = 0, so step 0 is the base model.
+        model = lora.LoRA(model, **lora_options)
+        variables = model.add_adapters(variables, jax.random.fold_in(init_rng, 1), sample,
+                                       train=False)
+        variable_shardings = variable_shardings_of(config, variables, mesh)
+        variables = jax.device_put(variables, variable_shardings)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
 
-    # Optimizer: frozen parameters carry no optimizer state and no gradient.
-    tx, labels = optim.make_optimizer(config, params, total_steps, every["warmup"] or 0)
-    trainable = optim.trainable_mask(labels)
-    opt_shapes = jax.eval_shape(tx.init, params)
-    opt_shardings = sharding.like_params(opt_shapes, params, variable_shardings["params"], mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    # Freeze schedule: phases of (labels, optimizer, compiled step), each built when first
+    # reached; frozen parameters carry no optimizer state and no gradient.
+    plan = freeze.Plan(config, params, model.blocks(), steps_per_epoch=train_size / batch_size)
+    cached = None
+    if config.get("cache_features"):
+        cached = features.check_cacheable(config, plan, lora_options)
+    checkpoints = RunCheckpoints(workdir, keep=config.get("keep_checkpoints", 2))
+    resume_step = checkpoints.latest_step()
+    loss_fn = LOSSES[config.loss]
+    forward = features.head_forward(model) if cached else model_forward(model)
+    phases = Phases(config, plan, forward, loss_fn, mesh, variable_shardings, total_steps,
+                    every["warmup"] or 0)
+    # A checkpoint's optimizer state is that of the phase of its last update.
+    phase = phases.get(plan.index_at(max((resume_step or 0) - 1, 0)))
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-             "opt_state": opt_state, "rng": train_rng}
-    state_shardings = {"step": sharding.replicated(mesh), "params": variable_shardings["params"],
-                       "model_state": {k: variable_shardings[k] for k in model_state},
-                       "opt_state": opt_shardings, "rng": sharding.replicated(mesh)}
-    state = jax.device_put(state, state_shardings)
+             "opt_state": phase.init(params), "rng": train_rng}
+    state = jax.device_put(state, phase.state_shardings)
+    labels = phase.labels
     report_start(config, params, labels, mesh, total_steps, train_size, is_chief)
 
     # Resume: a checkpoint in the workdir brings back params, optimizer state,
     # step, RNG and the data iterator's position.
-    checkpoints = RunCheckpoints(workdir, keep=config.get("keep_checkpoints", 2))
     first_step = 0
-    if checkpoints.latest_step() is not None:
+    if resume_step is not None:
         abstract = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-        state, data_state = checkpoints.restore(checkpoints.latest_step(), abstract)
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+            phase.state_shardings)
+        state, data_state = checkpoints.restore(resume_step, abstract)
         train_iter.set_state(data_state)
         first_step = int(state["step"])
-        print(f"Resumed from {workdir}/checkpoints at step {first_step}.", flush=True)
+        print(f"Resumed from {workdir}/checkpoints at step {first_step} (freeze phase "
+              f"{plan.phases[phase.index].name!r}).", flush=True)
+    if cached:
+        # The frozen backbone's features, computed once; batches follow train_iter's order.
+        train_iter = features.cached_batches(config, model, state, train_iter, workdir, mesh,
+                                             global_batch)
 
-    loss_fn = LOSSES[config.loss]
-
-    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
-        step_rng = jax.random.fold_in(state["rng"], state["step"])
-
-        def loss_of(params: Any) -> tuple[jnp.ndarray, dict]:
-            # No gradient reaches a frozen leaf, so XLA drops its backward pass.
-            params = jax.tree_util.tree_map(
-                lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-            variables = {"params": params, **state["model_state"]}
-            if state["model_state"]:
-                logits, new_model_state = model.apply(
-                    variables, batch["inputs"], train=True, rngs={"dropout": step_rng},
-                    mutable=list(state["model_state"]))
-            else:
-                logits = model.apply(variables, batch["inputs"], train=True,
-                                     rngs={"dropout": step_rng})
-                new_model_state = {}
-            return loss_fn(logits, batch["label"]).mean(), new_model_state
-
-        (loss, new_model_state), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        # Frozen leaves are returned as they came: bitwise unchanged, not p + 0.
-        params = jax.tree_util.tree_map(lambda p, u, t: p + u.astype(p.dtype) if t else p,
-                                        state["params"], updates, trainable)
-        new_state = {"step": state["step"] + 1, "params": params,
-                     "model_state": new_model_state, "opt_state": opt_state, "rng": state["rng"]}
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    train_step = jax.jit(train_step, donate_argnums=(0,),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)))
     evaluate = make_evaluator(config, model, loss_fn, global_batch)
     lr_at = optim.lr_schedule(config.lr, total_steps, every["warmup"] or 0,
                               **dict(config.lr_schedule))
@@ -187,7 +173,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_losses: list[jax.Array] = []
     step = first_step
     for step in range(first_step + 1, total_steps + 1):
-        state, metrics = train_step(state, global_batch(next(train_iter)))
+        if plan.index_at(step - 1) != phase.index:
+            phase, state = phases.switch(state, plan.index_at(step - 1))
+            if is_chief:
+                print(f"Step {step - 1}: freeze phase {plan.phases[phase.index].name!r}, "
+                      f"{phase.num_trainable:,} trainable parameters.", flush=True)
+        state, metrics = phase.step(state, global_batch(next(train_iter)))
         train_losses.append(metrics["loss"])
         if step == first_step + 1:
             jax.block_until_ready(metrics)
@@ -210,6 +201,127 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         write_results(workdir, config, final, info, total_steps)
         outputs.plot_curves(workdir)
     return final
+
+
+def variable_shardings_of(config: ml_collections.ConfigDict, variables: Any, mesh: Any) -> dict:
+    """Parameters sharded by config.sharding_rules; other collections replicated."""
+    return {"params": sharding.param_shardings(variables["params"], mesh, config.sharding_rules),
+            **{k: jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), v)
+               for k, v in variables.items() if k != "params"}}
+
+
+Forward = Callable[[Any, dict, Any, jax.Array], tuple[jnp.ndarray, dict]]
+
+
+def model_forward(model: Any) -> Forward:
+    """(params, model_state, inputs, dropout rng) -> (logits, new model_state), train mode."""
+
+    def forward(params: Any, model_state: dict, inputs: Any, rng: jax.Array
+                ) -> tuple[jnp.ndarray, dict]:
+        variables = {"params": params, **model_state}
+        if model_state:
+            return model.apply(variables, inputs, train=True, rngs={"dropout": rng},
+                               mutable=list(model_state))
+        return model.apply(variables, inputs, train=True, rngs={"dropout": rng}), {}
+
+    return forward
+
+
+def make_train_step(forward: Forward, loss_fn: Any, tx: optax.GradientTransformation,
+                    trainable: Any) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """One update: state -> state with the trainable leaves moved by `tx`.
+
+    Frozen leaves (trainable False) enter the loss through `stop_gradient`, so no gradient
+    reaches them and XLA drops the backward pass of a fully frozen prefix; they are
+    returned as they came (bitwise unchanged, not p + 0).
+    """
+
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        step_rng = jax.random.fold_in(state["rng"], state["step"])
+
+        def loss_of(params: Any) -> tuple[jnp.ndarray, dict]:
+            params = jax.tree_util.tree_map(
+                lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+            logits, new_model_state = forward(params, state["model_state"], batch["inputs"],
+                                              step_rng)
+            return loss_fn(logits, batch["label"]).mean(), new_model_state
+
+        (loss, new_model_state), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree_util.tree_map(lambda p, u, t: p + u.astype(p.dtype) if t else p,
+                                        state["params"], updates, trainable)
+        new_state = {"step": state["step"] + 1, "params": params,
+                     "model_state": new_model_state, "opt_state": opt_state, "rng": state["rng"]}
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+@dataclasses.dataclass
+class CompiledPhase:
+    """One freeze phase: its labels, optimizer, state shardings and compiled step."""
+
+    index: int
+    labels: Any
+    tx: optax.GradientTransformation
+    state_shardings: dict
+    init: Callable[[Any], Any]  # params -> fresh optimizer state, placed in its shardings
+    step: Callable[[dict, dict], tuple[dict, dict]]
+    num_trainable: int
+
+
+class Phases:
+    """Builds each phase of a `freeze.Plan` once, when first needed (one compile per phase).
+
+    `switch(state, index)` moves a train state into phase `index`: a fresh optimizer state
+    for that phase with every leaf the old state holds at the same path carried over
+    (`freeze.carry_state`): groups that keep training keep their moments and counts,
+    newly trainable groups start from zero, newly frozen ones drop theirs.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, plan: freeze.Plan, forward: Forward,
+                 loss_fn: Any, mesh: Any, variable_shardings: dict, total_steps: int,
+                 warmup_steps: int):
+        self._config, self._plan, self._forward, self._loss_fn = config, plan, forward, loss_fn
+        self._mesh, self._shardings = mesh, variable_shardings
+        self._total, self._warmup = total_steps, warmup_steps
+        self._built: dict[int, CompiledPhase] = {}
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._built)
+
+    def get(self, index: int) -> CompiledPhase:
+        if index not in self._built:
+            self._built[index] = self._build(index)
+        return self._built[index]
+
+    def _build(self, index: int) -> CompiledPhase:
+        mesh, param_shardings = self._mesh, self._shardings["params"]
+        tx, labels = optim.phase_optimizer(self._config, self._plan, index, self._total,
+                                           self._warmup)
+        trainable = optim.trainable_mask(labels)
+        param_shapes = self._plan.param_shapes
+        opt_shapes = jax.eval_shape(tx.init, param_shapes)
+        opt_shardings = sharding.like_params(opt_shapes, param_shapes, param_shardings, mesh)
+        state_shardings = {"step": sharding.replicated(mesh), "params": param_shardings,
+                           "model_state": {k: v for k, v in self._shardings.items()
+                                           if k != "params"},
+                           "opt_state": opt_shardings, "rng": sharding.replicated(mesh)}
+        step = jax.jit(make_train_step(self._forward, self._loss_fn, tx, trainable),
+                       donate_argnums=(0,),
+                       out_shardings=(state_shardings, sharding.replicated(mesh)))
+        sizes = {n: int(np.prod(x.shape)) for n, x in tree.flatten(param_shapes).items()}
+        num_trainable = sum(sizes[n] for n in self._plan.trainable_names(index))
+        return CompiledPhase(index, labels, tx, state_shardings,
+                             jax.jit(tx.init, out_shardings=opt_shardings), step, num_trainable)
+
+    def switch(self, state: dict, index: int) -> tuple[CompiledPhase, dict]:
+        phase = self.get(index)
+        opt_state = freeze.carry_state(state["opt_state"], phase.init(state["params"]))
+        state = jax.device_put({**state, "opt_state": opt_state}, phase.state_shardings)
+        return phase, state
 
 
 def _due(step: int, interval: int | None, total_steps: int) -> bool:

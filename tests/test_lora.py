@@ -1,0 +1,77 @@
+"""LoRA adapters: step 0 equals the base model, merge equals the adapted model."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from tljax import tree
+from tljax.models import build_model, lora
+
+VIT = dict(num_classes=3, patch_size=(4, 4), width=16, depth=2, mlp_dim=32, num_heads=2,
+           head_zeroinit=False)
+BERT = dict(num_classes=3, vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+            intermediate_size=32, max_position_embeddings=16, dropout=0.0, attention_dropout=0.0,
+            head_zeroinit=False)
+
+
+def _case(family):
+    if family == "vit":
+        return build_model("vit", **VIT), jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 50)
+    return build_model("bert", **BERT), {"input_ids": ids}
+
+
+def _perturb_b(variables, scale=0.1):
+    """Non-zero B (as after training), so the adapters change the output."""
+    rng = jax.random.PRNGKey(7)
+    return tree.map_with_names(
+        lambda n, x: jax.random.normal(jax.random.fold_in(rng, hash(n) % 1000), x.shape) * scale
+        if n.endswith("lora_b") else x, variables)
+
+
+@pytest.mark.parametrize("family", ["vit", "bert"])
+def test_init_equals_base_and_merge_equals_adapted(family):
+    base, x = _case(family)
+    model = lora.LoRA(base, rank=4, alpha=8.0)
+    variables = model.init({"params": jax.random.PRNGKey(0)}, x)
+    plain = {"params": {k: v for k, v in variables["params"].items() if k != "lora"}}
+    # B = 0: the adapted model is exactly the dense one at initialisation.
+    np.testing.assert_array_equal(model.apply(variables, x), base.apply(plain, x))
+    np.testing.assert_array_equal(base.apply(model.merge(variables), x), base.apply(plain, x))
+    trained = _perturb_b(variables)
+    adapted = model.apply(trained, x)
+    assert np.abs(adapted - base.apply(plain, x)).max() > 1e-3  # the adapters do something
+    merged = model.merge(trained)
+    assert set(tree.flatten(merged)) == set(tree.flatten(plain))  # the plain model's tree
+    np.testing.assert_allclose(base.apply(merged, x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_names_shapes_and_default_targets():
+    base, x = _case("vit")
+    model = lora.LoRA(base, rank=3, alpha=6.0)
+    params = model.init({"params": jax.random.PRNGKey(0)}, x)["params"]
+    flat = tree.flatten(params)
+    # 2 blocks x (q, k, v, out, mlp0, mlp1) adapters.
+    assert lora.count_adapters(params)[0] == 12
+    prefix = "lora/Transformer/encoderblock_0/MultiHeadDotProductAttention_0"
+    assert flat[f"{prefix}/query/lora_a"].shape == (16, 3)  # d_in = 16
+    assert flat[f"{prefix}/query/lora_b"].shape == (3, 16)  # d_out = heads * head_dim
+    assert flat[f"{prefix}/out/lora_a"].shape == (16, 3)  # (heads, head_dim) flattened
+    assert not np.any(flat[f"{prefix}/out/lora_b"])
+
+
+def test_only_selected_targets_and_gradients_reach_adapters():
+    base, x = _case("vit")
+    model = lora.LoRA(base, rank=2, alpha=2.0, targets=[r"/query/kernel$"])
+    variables = _perturb_b(model.init({"params": jax.random.PRNGKey(0)}, x))
+    assert lora.count_adapters(variables["params"])[0] == 2
+    grads = tree.flatten(jax.grad(lambda v: model.apply(v, x).sum())(variables))
+    assert all(np.any(g) for n, g in grads.items() if "lora_" in n)
+
+
+def test_non_dense_target_is_an_error():
+    base, x = _case("vit")
+    with pytest.raises(ValueError, match="Dense"):
+        lora.LoRA(base, targets=[r"^embedding/kernel$"]).init({"params": jax.random.PRNGKey(0)}, x)

@@ -1,0 +1,152 @@
+"""Cached backbone features for linear probes (`config.cache_features=True`).
+
+When only the head trains for the whole run and the training pipeline has no random
+ops, the backbone's output for an example never changes, so it is computed once:
+`model.apply(variables, x, train=False, head=False)` over the training split (batched,
+sharded over the mesh like evaluation), stored in WORKDIR/features/ and reused by later
+and resumed runs. Training then applies only the head (`nn.Dense` named 'head') to
+batches of cached features, taken in exactly the order `data.train_batches` would
+give the images (same shuffle, same epochs, same resume state), so the head follows
+the same trajectory as the uncached probe up to float rounding.
+
+The backbone runs in inference mode (train=False) for the cache: dropout is off and
+batch norm uses its running statistics, which is what a frozen backbone should do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from tljax import data, freeze
+from tljax.config import ConfigError
+from tljax.data import pipeline
+from tljax.data.preprocess import Preprocess
+
+
+def check_cacheable(config: ml_collections.ConfigDict, plan: freeze.Plan,
+                    lora_options: dict | None) -> bool:
+    """True, or a one-line ConfigError saying why features cannot be cached."""
+    if lora_options:
+        raise ConfigError("config.cache_features=True needs a frozen backbone; lora(...) "
+                          "trains adapters inside it.")
+    for index, phase in enumerate(plan.phases):
+        outside = sorted(n for n in plan.trainable_names(index) if not n.startswith("head/"))
+        if outside:
+            raise ConfigError(f"config.cache_features=True needs a frozen backbone, but phase "
+                              f"{phase.name!r} trains {outside[0]} (and {len(outside) - 1} "
+                              f"more); use freeze='linear_probe'.")
+    if Preprocess(config.input.pp).is_random:
+        raise ConfigError(f"config.cache_features=True needs a deterministic input pipeline; "
+                          f"input.pp={config.input.pp!r} has random ops (augmentation).")
+    return True
+
+
+def head_forward(model: Any) -> Callable:
+    """The train step's forward on cached features: logits = head(features).
+
+    The head is the models' `nn.Dense(num_classes, dtype=model.dtype, name='head')`
+    with float32 output; the rest of `params` is passed through untouched.
+    """
+    head = nn.Dense(model.num_classes, dtype=model.dtype)
+
+    def forward(params: Any, model_state: dict, inputs: Any, rng: jax.Array
+                ) -> tuple[jnp.ndarray, dict]:
+        del rng
+        return head.apply({"params": params["head"]}, inputs).astype(jnp.float32), model_state
+
+    return forward
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> str:
+    """What the cached features depend on: model, its initialisation, data and pp."""
+    keys = {"model_name": config.model_name, "model": config.get("model"),
+            "init": config.get("init"), "dataset": config.input.dataset,
+            "split": config.input.split, "pp": config.input.pp,
+            "compute_dtype": config.get("compute_dtype"), "seed": config.seed,
+            "freeze": config.get("freeze")}
+    text = json.dumps(ml_collections.ConfigDict(keys).to_dict(), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def compute_features(config: ml_collections.ConfigDict, model: Any, variables: dict,
+                     global_batch: Callable[[dict], dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, ...), labels (N,)) of every example of the training split, in order."""
+
+    @jax.jit
+    def embed(variables: dict, inputs: Any) -> jnp.ndarray:
+        return model.apply(variables, inputs, train=False, head=False)
+
+    batches = data.eval_batches(
+        dataset=config.input.dataset, split=config.input.split, pp=config.input.pp,
+        batch_size=config.eval.batch_size, data_dir=config.input.get("data_dir"),
+        process_index=jax.process_index(), process_count=jax.process_count())
+    feats, labels = [], []
+    for batch in batches:
+        batch = global_batch(batch)
+        out = embed(variables, batch["inputs"])
+        out, label, mask = multihost_utils.process_allgather(
+            (out, batch["label"], batch["mask"]), tiled=True)
+        mask = np.asarray(mask, bool)
+        feats.append(np.asarray(out)[mask])
+        labels.append(np.asarray(label)[mask])
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+class CachedBatches(Iterator[dict]):
+    """`data.train_batches`' order over cached features; same state as TrainBatches.
+
+    Batch s holds stream positions [s B, (s+1) B) (this process's chunk), each mapped to
+    an example by the pipeline's per-epoch permutation, so the data order, and a resumed
+    run's position, match the uncached run exactly.
+    """
+
+    def __init__(self, feats: np.ndarray, labels: np.ndarray, like: pipeline.TrainBatches):
+        self._feats, self._labels = feats, labels
+        self._like = like
+        maker = like._make_batch  # positions/index_of of the image pipeline
+        self._positions, self._index_of = maker.positions, maker._index_of
+        self.info = like.info
+
+    def __next__(self) -> dict[str, Any]:
+        step = self._like.step
+        indices, _ = self._index_of(self._positions(step))
+        self._like.set_state({**self._like.get_state(), "step": step + 1})
+        return {"inputs": self._feats[indices], "label": self._labels[indices]}
+
+    def get_state(self) -> dict[str, Any]:
+        return self._like.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._like.set_state(state)
+
+
+def cached_batches(config: ml_collections.ConfigDict, model: Any, state: dict,
+                   train_iter: pipeline.TrainBatches, workdir: str, mesh: Any,
+                   global_batch: Callable[[dict], dict]) -> CachedBatches:
+    """Loads WORKDIR/features/<fingerprint>.npz, computing and saving it first if missing."""
+    del mesh  # the batches are sharded by global_batch, like evaluation
+    path = os.path.join(workdir, "features", f"{fingerprint(config)}.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            feats, labels = f["features"], f["labels"]
+        print(f"Cached features: {path} {feats.shape}.", flush=True)
+    else:
+        variables = {"params": state["params"], **state["model_state"]}
+        feats, labels = compute_features(config, model, variables, global_batch)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.savez(path + ".tmp.npz", features=feats, labels=labels)
+            os.replace(path + ".tmp.npz", path)
+        print(f"Computed features of {len(feats):,} examples into {path}.", flush=True)
+    return CachedBatches(feats, labels, train_iter)
