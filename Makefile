@@ -25,7 +25,7 @@ data: $(STAMP)
 
 # The main job: real transfer learning on the offline default (see README).
 run: setup
-	$(PY) -m tljax.main --config=configs/vit_finetune.py:runlocal --workdir=$(WORKDIR)
+	$(PY) experiments/transfer_vs_scratch.py --workdir=$(WORKDIR)
 
 test: setup
 	$(PY) -m pytest -q

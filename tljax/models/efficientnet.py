@@ -27,7 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tljax.models.layers import DepthwiseConv
+from tljax.models.layers import DepthwiseConv, classifier_head
 from tljax.models.resnet import batch_norm
 
 # variant: (width multiplier, depth multiplier, resolution, dropout before the head)
@@ -97,11 +97,13 @@ class MBConv(nn.Module):
     drop_connect_rate: float = 0.0
     bn_update: bool = False
     dtype: Any = jnp.float32
+    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, inputs: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         a = self.args
-        bn = lambda name: batch_norm(train, self.bn_update, name, self.dtype, BN_EPS, BN_MOMENTUM)
+        bn = lambda name: batch_norm(train, self.bn_update, name, self.dtype, BN_EPS,
+                                     self.bn_momentum)
         conv = lambda n, k, name, **kw: nn.Conv(n, (k, k), padding="SAME", use_bias=False,
                                                 dtype=self.dtype, name=name, **kw)
         x = inputs
@@ -131,6 +133,9 @@ class EfficientNetLite(nn.Module):
     dropout: float | None = None  # None: the variant's rate
     drop_connect_rate: float = 0.2
     bn_update: bool = False
+    # Decay of the running statistics when bn_update: short runs from scratch need
+    # a faster one (0.9) than the reference's 0.99, or evaluation sees stale averages.
+    bn_momentum: float = BN_MOMENTUM
     head_zeroinit: bool = True
     dtype: Any = jnp.float32
 
@@ -150,7 +155,8 @@ class EfficientNetLite(nn.Module):
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False, head: bool = True) -> jnp.ndarray:
         width, depth, _, dropout = self._config()
-        bn = lambda name: batch_norm(train, self.bn_update, name, self.dtype, BN_EPS, BN_MOMENTUM)
+        bn = lambda name: batch_norm(train, self.bn_update, name, self.dtype, BN_EPS,
+                                     self.bn_momentum)
         x = nn.Conv(STEM_FILTERS, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                     dtype=self.dtype, name="stem_conv")(images)
         x = nn.relu6(bn("stem_bn")(x))
@@ -158,7 +164,8 @@ class EfficientNetLite(nn.Module):
         for i, args in enumerate(blocks):
             # Drop-connect grows linearly with depth, as in the reference.
             rate = self.drop_connect_rate * i / len(blocks)
-            x = MBConv(args, rate, self.bn_update, self.dtype, name=f"block{i}")(x, train)
+            x = MBConv(args, rate, self.bn_update, self.dtype, self.bn_momentum,
+                       name=f"block{i}")(x, train)
         x = nn.Conv(TOP_FILTERS, (1, 1), use_bias=False, dtype=self.dtype, name="top_conv")(x)
         x = nn.relu6(bn("top_bn")(x))
         x = jnp.mean(x, axis=(1, 2))
@@ -166,10 +173,8 @@ class EfficientNetLite(nn.Module):
             return x
         rate = dropout if self.dropout is None else self.dropout
         x = nn.Dropout(rate)(x, deterministic=not train)
-        init = nn.initializers
-        kernel_init = init.zeros if self.head_zeroinit else init.lecun_normal()
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
-                        name="head")(x).astype(jnp.float32)
+        return classifier_head(self.num_classes, self.head_zeroinit, self.dtype)(x).astype(
+            jnp.float32)
 
 
 def resolution(variant: str) -> int:

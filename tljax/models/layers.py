@@ -40,3 +40,13 @@ class DepthwiseConv(nn.Module):
                 window = x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s, :]
                 out = out + window * kernel[i, j, 0]
         return out
+
+
+def classifier_head(num_classes: int, zero_init: bool = True, dtype: Any = jnp.float32,
+                    kernel_init: Any = None) -> nn.Dense:
+    """The `head` Dense every model ends with: zero-initialised by default, so a
+    fresh head starts from uniform predictions and gives no gradient noise to the
+    pretrained body. Callers cast its output to float32 for the loss."""
+    if kernel_init is None:
+        kernel_init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+    return nn.Dense(num_classes, dtype=dtype, kernel_init=kernel_init, name="head")

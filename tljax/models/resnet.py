@@ -23,6 +23,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tljax.models.layers import classifier_head
+
 # depth: (block kind, blocks per stage)
 DEPTHS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -113,10 +115,8 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         if not head or not self.num_classes:
             return x
-        init = nn.initializers
-        kernel_init = init.zeros if self.head_zeroinit else init.lecun_normal()
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
-                        name="head")(x).astype(jnp.float32)
+        return classifier_head(self.num_classes, self.head_zeroinit, self.dtype)(x).astype(
+            jnp.float32)
 
 
 def make(variant: str | None = None, **kwargs: Any) -> ResNet:

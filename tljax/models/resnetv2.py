@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tljax.models.layers import classifier_head
+
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 GN_GROUPS = 32
@@ -120,10 +122,8 @@ class ResNetV2(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         if not head or not self.num_classes:
             return x
-        init = nn.initializers
-        kernel_init = init.zeros if self.head_zeroinit else init.lecun_normal()
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
-                        name="head")(x).astype(jnp.float32)
+        return classifier_head(self.num_classes, self.head_zeroinit, self.dtype)(x).astype(
+            jnp.float32)
 
 
 def make(variant: str | None = None, **kwargs: Any) -> ResNetV2:

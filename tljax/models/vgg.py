@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from tljax.models.layers import classifier_head
+
 # depth: convolutions per stage; each stage ends in a 2x2/2 max pool.
 CONFIGS = {
     11: (1, 1, 2, 2, 2),
@@ -79,10 +81,8 @@ class VGG(nn.Module):
             x = nn.Dropout(self.dropout)(x, deterministic=not train)
         if not head or not self.num_classes:
             return x
-        init = nn.initializers
-        kernel_init = init.zeros if self.head_zeroinit else init.lecun_normal()
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
-                        name="head")(x).astype(jnp.float32)
+        return classifier_head(self.num_classes, self.head_zeroinit, self.dtype)(x).astype(
+            jnp.float32)
 
 
 def make(variant: str | None = None, **kwargs: Any) -> VGG:

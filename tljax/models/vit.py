@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from tljax.models.layers import classifier_head
+
 VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
     "Ti": (192, 12, 768, 3),
     "S": (384, 12, 1536, 6),
@@ -171,10 +173,8 @@ class ViT(nn.Module):
             x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
         if not head or not self.num_classes:
             return x
-        init = nn.initializers
-        kernel_init = init.zeros if self.head_zeroinit else init.lecun_normal()
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
-                        name="head")(x).astype(jnp.float32)
+        return classifier_head(self.num_classes, self.head_zeroinit, self.dtype)(x).astype(
+            jnp.float32)
 
 
 def make(variant: str | None = None, **kwargs: Any) -> ViT:
