@@ -91,3 +91,9 @@ def test_cli_unknown_override_fails_in_one_line(tmp_path):
                    "--config.optim.momentun=0.5")
     assert result.returncode == 2 and "closest valid key: momentum" in result.stderr
     assert not os.path.exists(tmp_path / "w"), "nothing may be written before the config is valid"
+
+
+def test_argument_values_may_list_paths():
+    arg = config_lib.parse_arg("dataset=textfile:/d/train.csv,/d/test.csv,runlocal",
+                               dataset="", runlocal=False)
+    assert arg.dataset == "textfile:/d/train.csv,/d/test.csv" and arg.runlocal

@@ -72,10 +72,17 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses 'model=B/16,dataset=cifar10,runlocal' over `defaults`.
 
     A bare name sets a boolean default to True; values keep the type of their
-    default (int, float, bool or str).
+    default (int, float, bool or str); a value may list paths separated by commas.
     """
     result = ml_collections.ConfigDict(dict(defaults))
+    items: list[str] = []
     for item in filter(None, (arg or "").split(",")):
+        # 'dataset=textfile:/a.csv,/b.csv': a bare path continues the previous value.
+        if items and "=" not in item and "/" in item and "=" in items[-1]:
+            items[-1] += "," + item
+        else:
+            items.append(item)
+    for item in items:
         name, has_value, value = item.partition("=")
         if name not in defaults:
             raise ConfigError(f"Unknown config argument {name!r}{closest(name, defaults)}; "

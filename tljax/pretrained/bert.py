@@ -233,7 +233,7 @@ def minilm_path() -> str:
 def read_hf_bert_config(path: str | os.PathLike) -> dict[str, Any]:
     """`Bert` keyword arguments (architecture only) of a local HF BERT directory.
 
-    Configs use this to build the model that `init_variables_from_hf` fills.
+    Configs use this to build the model that `init = dict(source='hf', path=...)` fills.
     """
     file = os.path.join(os.fspath(path), "config.json")
     if not os.path.exists(file):
@@ -241,26 +241,6 @@ def read_hf_bert_config(path: str | os.PathLike) -> dict[str, Any]:
                                 "(config.json + model.safetensors).")
     with open(file) as f:
         return config_to_kwargs(json.load(f))
-
-
-def init_variables_from_hf(path: str | os.PathLike) -> dict[str, Any]:
-    """{'params': encoder tree} of a local HF BERT directory, for a strict merge.
-
-    The tree holds exactly what the checkpoint holds, BERT's next-sentence pooler
-    included when present (a model without `use_pooler` excuses it with
-    `dont_load=['^pooler/']`); there is no `head`, so the merge keeps the model's
-    freshly initialised one.
-    """
-    from safetensors.numpy import load_file
-
-    path = os.fspath(path)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"{weights} not found (only safetensors checkpoints are read).")
-    variables, _ = convert_hf_bert(load_file(weights), config)
-    return variables
 
 
 def _export_config(model: bert_lib.Bert) -> dict[str, Any]:
