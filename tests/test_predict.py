@@ -74,6 +74,7 @@ def image_run(tmp_path_factory) -> Path:
     config.input.batch_size = 24
     config.eval.batch_size = 18
     config.model.width, config.model.depth, config.model.mlp_dim = 16, 1, 32
+    config.model.num_heads = 2
     config.total_steps, config.warmup_steps = 40, 5
     config.eval_every_steps = config.checkpoint_every_steps = 40
     config.lr = 3e-3

@@ -83,10 +83,13 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from tljax import train  # after distributed init: nothing may touch JAX before it
     from tljax.data import DatasetNotPreparedError
+    from tljax.pretrained import CheckpointMismatchError, OfflineError, UnsafeCheckpointError
 
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, DatasetNotPreparedError) as e:
+    except (ConfigError, DatasetNotPreparedError, OfflineError, UnsafeCheckpointError,
+            CheckpointMismatchError) as e:
+        # Mistakes of input, not of code: the message says what to change; no traceback.
         _fail(str(e))
 
 

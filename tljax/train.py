@@ -27,6 +27,7 @@ from tljax import config as config_lib
 from tljax import data, features, freeze, models, optim, outputs, sharding, tree
 from tljax.checkpoint import RunCheckpoints
 from tljax.models import lora
+from tljax.pretrained import loading
 
 
 def enable_compilation_cache() -> None:
@@ -112,11 +113,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_rng, train_rng = jax.random.split(root_rng)
     variable_shapes = jax.eval_shape(init_variables, init_rng)
     variable_shardings = variable_shardings_of(config, variable_shapes, mesh)
-    variables = jax.jit(init_variables, out_shardings=variable_shardings)(init_rng)
+    pretrained = None
     if config.get("init") and config.init.get("source"):
-        from tljax.pretrained.loading import init_from_config
-
-        variables = jax.device_put(init_from_config(config.init, variables), variable_shardings)
+        # Read before compiling anything: a missing or unreachable checkpoint fails in seconds.
+        pretrained = loading.read_init_checkpoint(config.init, variable_shapes)
+    variables = jax.jit(init_variables, out_shardings=variable_shardings)(init_rng)
+    if pretrained is not None:
+        loaded, dont_load = pretrained
+        variables = jax.device_put(loading.merge_pretrained(variables, loaded, dont_load),
+                                   variable_shardings)
     lora_options = freeze.lora_options(config)
     if lora_options:
         # Adapters join the (pretrained) base variables: B = 0, so step 0 is the base model.
@@ -253,7 +258,7 @@ def make_train_step(forward: Forward, loss_fn: Any, tx: optax.GradientTransforma
                                         state["params"], updates, trainable)
         new_state = {"step": state["step"] + 1, "params": params,
                      "model_state": new_model_state, "opt_state": opt_state, "rng": state["rng"]}
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 

@@ -124,14 +124,16 @@ def merge_pretrained(init_variables: Mapping[str, Any], loaded_variables: Mappin
     return tree.unflatten(merged)
 
 
-def init_from_config(init_cfg: Mapping[str, Any], init_variables: Mapping[str, Any]
-                     ) -> dict[str, Any]:
-    """Loads `init_cfg.path` from `init_cfg.source` and merges it into `init_variables`.
+def read_init_checkpoint(init_cfg: Mapping[str, Any], init_variables: Mapping[str, Any]
+                         ) -> tuple[dict[str, Any], list[str]]:
+    """(converted checkpoint variables, dont_load regexes) for a config's `init` section.
 
     `init_cfg` (ConfigDict or dict): `source` (big_vision, vit_jax, timm, hf,
     torchvision, efficientnet_lite, resnetv2/bit, tljax), `path` (file, directory, or
     for online users a hub id / gs:// URL), optional `dont_load` (regexes), `arch`
-    (timm/torchvision architecture name), `step` (tljax checkpoints).
+    (timm/torchvision architecture name), `step` (tljax checkpoints). `init_variables`
+    may be shapes only (`jax.eval_shape`), so a run reads - or fails to reach - its
+    checkpoint before compiling anything.
     """
     from tljax.pretrained.api import load_converted
 
@@ -147,4 +149,12 @@ def init_from_config(init_cfg: Mapping[str, Any], init_variables: Mapping[str, A
         hints["num_heads"] = int(_shape(flat_init[query])[1])
     loaded, _ = load_converted(cfg["source"], str(cfg["path"]), arch=cfg.get("arch"),
                                step=cfg.get("step"), **hints)
-    return merge_pretrained(init_variables, loaded, list(cfg.get("dont_load") or ()))
+    return loaded, list(cfg.get("dont_load") or ())
+
+
+def init_from_config(init_cfg: Mapping[str, Any], init_variables: Mapping[str, Any]
+                     ) -> dict[str, Any]:
+    """Loads `init_cfg.path` from `init_cfg.source` (see `read_init_checkpoint`) and
+    merges it strictly into `init_variables`."""
+    loaded, dont_load = read_init_checkpoint(init_cfg, init_variables)
+    return merge_pretrained(init_variables, loaded, dont_load)
