@@ -97,3 +97,14 @@ def test_argument_values_may_list_paths():
     arg = config_lib.parse_arg("dataset=textfile:/d/train.csv,/d/test.csv,runlocal",
                                dataset="", runlocal=False)
     assert arg.dataset == "textfile:/d/train.csv,/d/test.csv" and arg.runlocal
+
+
+def test_cli_duration_units_conflict_or_clear(tmp_path):
+    result = _main("--config=configs/vit_finetune.py:runlocal", f"--workdir={tmp_path}/w",
+                   "--config.total_epochs=3")
+    assert result.returncode == 2
+    assert "Conflicting durations total_steps and total_epochs" in result.stderr.splitlines()[-1]
+    # `=None` clears the unit the file set; with nothing left the run says so.
+    result = _main("--config=configs/vit_finetune.py:runlocal", f"--workdir={tmp_path}/w",
+                   "--config.total_steps=None")
+    assert result.returncode == 2 and "No training duration" in result.stderr.splitlines()[-1]

@@ -63,8 +63,16 @@ def _check_overrides(argv: list[str]) -> None:
             node, walked = node[part], walked + [part]
 
 
+# `--config.key=None` clears a field, e.g. the unit a config file set for a duration;
+# ml_collections cannot parse None into a typed field, so these are applied after parsing.
+_CLEARED: list[str] = []
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     _check_overrides(argv)
+    _CLEARED.extend(a[len("--config."):-len("=None")] for a in argv
+                    if a.startswith("--config.") and a.endswith("=None"))
+    argv = [a for a in argv if not (a.startswith("--config.") and a.endswith("=None"))]
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -77,6 +85,13 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # library INFO chatter would bury the progress
     if _CONFIG.value is None or _WORKDIR.value is None:
         _fail("both --config=FILE and --workdir=DIR are required.")
+    config = _CONFIG.value
+    for key in _CLEARED:
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[last] = None
     if _COORDINATOR.value:
         import jax
 
@@ -86,7 +101,7 @@ def main(argv: list[str]) -> None:
     from tljax.pretrained import CheckpointMismatchError, OfflineError, UnsafeCheckpointError
 
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train.train_and_evaluate(config, _WORKDIR.value)
     except (ConfigError, DatasetNotPreparedError, OfflineError, UnsafeCheckpointError,
             CheckpointMismatchError) as e:
         # Mistakes of input, not of code: the message says what to change; no traceback.
