@@ -114,13 +114,11 @@ class CachedBatches(Iterator[dict]):
     def __init__(self, feats: np.ndarray, labels: np.ndarray, like: pipeline.TrainBatches):
         self._feats, self._labels = feats, labels
         self._like = like
-        maker = like._make_batch  # positions/index_of of the image pipeline
-        self._positions, self._index_of = maker.positions, maker._index_of
         self.info = like.info
 
     def __next__(self) -> dict[str, Any]:
         step = self._like.step
-        indices, _ = self._index_of(self._positions(step))
+        indices = self._like.indices_at(step)
         self._like.set_state({**self._like.get_state(), "step": step + 1})
         return {"inputs": self._feats[indices], "label": self._labels[indices]}
 

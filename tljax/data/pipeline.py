@@ -142,6 +142,11 @@ class TrainBatches(Iterator[dict]):
         """The local batch at `step`, computed directly (no prefetching)."""
         return self._make_batch(step)
 
+    def indices_at(self, step: int) -> np.ndarray:
+        """Source indices of the local batch at `step` (its examples, in order)."""
+        indices, _ = self._make_batch._index_of(self._make_batch.positions(step))
+        return indices
+
     def __next__(self) -> dict[str, Any]:
         if self._iterator is None:
             steps = grain.MapDataset.range(self._step, _ENDLESS).map(self._make_batch)
