@@ -482,3 +482,34 @@ def test_reading_does_not_import_tensorflow(fashion_mnist_dir):
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_tfds_text_dataset_with_a_sentence_feature(tmp_path):
+    """GLUE's glue/sst2 names its text 'sentence'; the pipeline reads it as 'text'."""
+    import tensorflow_datasets as tfds
+
+    class SentenceLike(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "sentence": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=["negative", "positive"]),
+                "idx": tfds.features.Scalar(dtype=np.int32)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (text, label) in enumerate([("a fine film", 1), ("dull and long", 0)] * 4):
+                yield i, {"sentence": text, "label": label, "idx": i}
+
+    SentenceLike(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    source, info = data.get_source("sentence_like", "train", str(tmp_path))
+    assert info.kind == "text" and info.class_names == ["negative", "positive"]
+    texts = {source[i]["text"] for i in range(len(source))}
+    texts = {t.decode() if isinstance(t, bytes) else t for t in texts}
+    assert texts == {"a fine film", "dull and long"}
+    batch = next(data.train_batches(dataset="sentence_like", split="train", pp="tokenize(max_len=8)",
+                               batch_size=4, seed=0, data_dir=str(tmp_path)))
+    assert batch["inputs"]["input_ids"].shape == (4, 8)

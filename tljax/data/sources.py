@@ -201,11 +201,12 @@ def _tfds_source(name: str, split: str, data_dir: str) -> tuple[Sequence, Datase
         raise _not_prepared(name, data_dir)
     builder = _tfds_builder(str(version_dir))
     features = builder.info.features
-    kind = "image" if "image" in features else "text" if "text" in features else None
+    kind = ("image" if "image" in features
+            else "text" if "text" in features or TEXT_ALIAS in features else None)
     if kind is None or "label" not in features:
         raise ValueError(
             f"Dataset {name!r} has features {sorted(features)}; this pipeline needs 'label' and "
-            "'image' or 'text'."
+            f"'image' or 'text' (or {TEXT_ALIAS!r}, read as 'text')."
         )
     class_names = list(features["label"].names)
     splits = {s: _tfds_split(str(version_dir), s) for s in builder.info.splits}
@@ -219,12 +220,24 @@ def _tfds_source(name: str, split: str, data_dir: str) -> tuple[Sequence, Datase
     return source, info
 
 
+# GLUE's single-sentence tasks (glue/sst2, glue/cola) call their text 'sentence'.
+TEXT_ALIAS = "sentence"
+
+
+def _as_text(example: dict[str, Any]) -> dict[str, Any]:
+    if TEXT_ALIAS in example and "text" not in example:
+        example = {**example, "text": example[TEXT_ALIAS]}
+        del example[TEXT_ALIAS]
+    return example
+
+
 class _LazySplit(Sequence):
     """A TFDS split whose ArrayRecord files are opened on first access."""
 
     def __init__(self, builder, split: str, num_examples: int):
         self._builder, self._split, self._n = builder, split, num_examples
         self._source = None
+        self._rename = TEXT_ALIAS in builder.info.features
 
     def open(self) -> Sequence:
         if self._source is None:
@@ -235,10 +248,11 @@ class _LazySplit(Sequence):
         return self._n
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.open()[i]
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        return list(self.open().__getitems__(indices))
+        examples = list(self.open().__getitems__(indices))
+        return [_as_text(e) for e in examples] if self._rename else examples
 
 
 class _DecodedCache(Sequence):
