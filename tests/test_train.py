@@ -130,7 +130,9 @@ def test_meshes_give_the_single_device_loss_curve(tmp_path, fashion_mnist_dir):
 
 @pytest.mark.slow
 def test_killed_run_resumes_bitwise_equal(tmp_path, fashion_mnist_dir):
-    overrides = {"total_steps": 40, "checkpoint_every_steps": 10}
+    # Evaluations (which leave the training state alone) every 5 steps keep the run busy
+    # long enough after checkpoint 20 for the kill to land before the end.
+    overrides = {"total_steps": 40, "checkpoint_every_steps": 10, "eval_every_steps": 5}
     reference = _run_main(str(tmp_path / "reference"), overrides)
     assert reference.wait(timeout=600) == 0, reference.stdout.read()[-3000:]
 
