@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"init={arg.init!r}: expected pretrained or scratch.")
 
-    config.loss = "softmax_xent"
+    config.task = dict(name="classification", loss="softmax_xent")
     config.optim = dict(name="adamw", weight_decay=1e-4)
     config.lr = 1e-3
     config.lr_schedule = dict(decay_type="cosine", linear_end=0.0)

@@ -115,7 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # pooling here, so it is excused from the strict merge.
     config.model_name = "bert"
     config.model = dict(read_hf_bert_config(model_dir), pooling=arg.pooling, use_pooler=False,
-                        normalize=False, head_zeroinit=True)
+                        normalize=False)
     # A frozen encoder should give the head its deterministic features: no dropout.
     if probe:
         config.model.dropout = 0.0
@@ -123,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.init = dict(source="hf", path=model_dir, dont_load=["^pooler/"])
 
     # Optimisation: AdamW as in BERT fine-tuning; the head alone takes a much larger step.
-    config.loss = "softmax_xent"
+    config.task = dict(name="classification", loss="softmax_xent")
     config.optim = dict(name="adamw", b1=0.9, b2=0.999, weight_decay=0.01)
     config.lr = 0.03 if probe else 1e-4
     config.lr_schedule = dict(decay_type="cosine", linear_end=0.0)

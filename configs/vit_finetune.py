@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        dont_load=["^head/", "^pre_logits/"])
 
     # Optimisation.
-    config.loss = "softmax_xent"
+    config.task = dict(name="classification", loss="softmax_xent")
     config.optim = dict(name="sgd", momentum=0.9)
     config.lr = recipe["lr"]
     config.lr_schedule = dict(decay_type="cosine", linear_end=0.0)
@@ -111,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sharding_rules = [(".*", "replicate")]
     if recipe["expected"] and arg.model == "B/16" and arg.freeze == "full" and not arg.val:
         value, tolerance = recipe["expected"]
-        config.expected = dict(metric="top-1 %", value=value, tolerance=tolerance,
+        config.expected = dict(metric="accuracy", value=value, tolerance=tolerance,
                                source="Dosovitskiy et al. 2021, Table 5 (ViT-B/16, ImageNet-21k)")
 
     if arg.runlocal:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tljax import tree
-from tljax.models import bert as bert_lib
+from tljax.models import classifier
 from tljax.pretrained import bert as pretrained_bert
 
 torch = pytest.importorskip("torch")
@@ -73,12 +73,12 @@ def test_parity_with_random_hf_bert():
     variables, kwargs = pretrained_bert.convert_hf_bert(_hf_state(hf), hf.config.to_dict())
     assert kwargs["use_pooler"] and kwargs["num_layers"] == 2
 
-    seq_model = bert_lib.make(**{**kwargs, "pooling": "none", "use_pooler": False})
+    seq_model = classifier("bert", **{**kwargs, "pooling": "none", "use_pooler": False})
     hidden = jax.jit(seq_model.apply)(variables, batch)
     assert hidden.shape == (3, 12, 64) and hidden.dtype == jnp.float32
     assert _max_diff(hidden, ref.last_hidden_state, "last_hidden_state", 1e-4) < 1e-4
 
-    pooled = jax.jit(bert_lib.make(**kwargs).apply)(variables, batch)
+    pooled = jax.jit(classifier("bert", **kwargs).apply)(variables, batch)
     assert _max_diff(pooled, ref.pooler_output, "pooler_output", 1e-4) < 1e-4
 
 
@@ -141,7 +141,8 @@ def test_minilm_sentence_embeddings_match_transformers():
     """Real all-MiniLM-L6-v2: mean pooled + L2-normalised embeddings vs transformers; tol 1e-5."""
     model, variables, info = pretrained_bert.load_minilm()
     assert info.tokenizer_path.endswith("tokenizer.json") and info.max_length == 256
-    assert model.pooling == "mean" and model.normalize and model.num_layers == 6
+    bert = model.backbone
+    assert bert.pooling == "mean" and bert.normalize and bert.num_layers == 6
     assert "pooler" not in variables["params"]  # unused by mean pooling, so not loaded
     batch = _tokenize(info.tokenizer_path, info.max_length, SENTENCES)
     assert len(set(batch["attention_mask"].sum(1).tolist())) == len(SENTENCES)  # all lengths differ
@@ -160,16 +161,16 @@ def test_minilm_sentence_embeddings_match_transformers():
     assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
 
 
-def _init(model: bert_lib.Bert, batch) -> dict:
+def _init(model, batch) -> dict:
     return jax.jit(model.init)(jax.random.PRNGKey(0), batch)  # eager init is ~5x slower
 
 
-def _apply(model: bert_lib.Bert, variables, batch, **kw) -> np.ndarray:
+def _apply(model, variables, batch, **kw) -> np.ndarray:
     return np.asarray(jax.jit(model.apply, static_argnames=("train", "head"))(
         variables, batch, **kw))
 
 
-def _random_variables(model: bert_lib.Bert, batch, seed: int = 1) -> dict:
+def _random_variables(model, batch, seed: int = 1) -> dict:
     """Random float32 params of the right shapes, LayerNorm scales around 1 and every bias
     non-zero (so mappings are really exercised); numpy avoids compiling Flax's init."""
     rng = np.random.RandomState(seed)
@@ -184,7 +185,7 @@ def test_export_round_trip_through_transformers(tmp_path):
     batch = _batch()
     kwargs = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                   max_position_embeddings=40, layer_norm_eps=1e-12)
-    model = bert_lib.make(**kwargs, use_pooler=True, num_classes=3)
+    model = classifier("bert", **kwargs, use_pooler=True, num_classes=3)
     variables = _random_variables(model, batch)
     minilm_dir = pretrained_bert.load_minilm()[2].source
     out = pretrained_bert.export_bert_to_hf(variables, kwargs, tmp_path / "hf",
@@ -196,7 +197,7 @@ def test_export_round_trip_through_transformers(tmp_path):
     hf = transformers.BertModel.from_pretrained(out).eval()
     with torch.no_grad():
         ref = hf(**_torch_inputs(batch))
-    hidden = _apply(bert_lib.make(**kwargs, pooling="none"), variables, batch)
+    hidden = _apply(classifier("bert", **kwargs, pooling="none"), variables, batch)
     pooled = _apply(model, variables, batch, head=False)
     assert _max_diff(hidden, ref.last_hidden_state, "export: last_hidden_state", 1e-5) < 1e-5
     assert _max_diff(pooled, ref.pooler_output, "export: pooler_output", 1e-5) < 1e-5
@@ -209,7 +210,8 @@ def test_export_round_trip_through_transformers(tmp_path):
     assert original.keys() == back.keys()
     assert all(np.array_equal(np.asarray(original[k]), back[k]) for k in original)
     clf, clf_vars, _ = pretrained_bert.load_hf_bert(out, num_classes=7, pooling="mean")
-    assert clf.num_classes == 7 and not clf.use_pooler and "pooler" not in clf_vars["params"]
+    assert clf.head.num_outputs == 7 and not clf.backbone.use_pooler
+    assert "pooler" not in clf_vars["params"]
     assert np.array_equal(clf_vars["params"]["head"]["kernel"], np.zeros((64, 7)))
 
     # Exporting a tree that does not fit the architecture fails with the names and shapes.
@@ -220,7 +222,7 @@ def test_export_round_trip_through_transformers(tmp_path):
 
 
 def test_dropout_only_in_training():
-    model = bert_lib.make("tiny", vocab_size=97, max_position_embeddings=40, num_layers=1)
+    model = classifier("bert", variant="tiny", vocab_size=97, max_position_embeddings=40, num_layers=1)
     batch = _batch()
     variables = _random_variables(model, batch)
     apply = jax.jit(model.apply, static_argnames="train")
@@ -235,15 +237,15 @@ def test_pooling_head_and_blocks():
     batch = _batch()
     kwargs = dict(vocab_size=97, hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128,
                   max_position_embeddings=40)  # one layer keeps compile time down
-    seq_model = bert_lib.make(**kwargs, pooling="none")
+    seq_model = classifier("bert", **kwargs, pooling="none")
     variables = _random_variables(seq_model, batch)
     hidden = _apply(seq_model, variables, batch)
     mask = batch["attention_mask"][..., None]
 
-    cls = _apply(bert_lib.make(**kwargs, pooling="cls"), variables, batch)
+    cls = _apply(classifier("bert", **kwargs, pooling="cls"), variables, batch)
     assert np.array_equal(cls, hidden[:, 0])
 
-    mean_model = bert_lib.make(**kwargs, pooling="mean", normalize=True)
+    mean_model = classifier("bert", **kwargs, pooling="mean", normalize=True)
     mean = _apply(mean_model, variables, batch)
     expected = (hidden * mask).sum(1) / mask.sum(1)
     expected = expected / np.linalg.norm(expected, axis=1, keepdims=True)
@@ -255,13 +257,13 @@ def test_pooling_head_and_blocks():
     assert _max_diff(mean_padded, mean, "mean pooling with 5 extra pads", 1e-6) < 1e-6
 
     # Zero-initialised head; head=False gives the pre-head features.
-    clf = bert_lib.make(**kwargs, pooling="mean", num_classes=5)
+    clf = classifier("bert", **kwargs, pooling="mean", num_classes=5)
     clf_vars = _init(clf, batch)
     assert np.array_equal(_apply(clf, clf_vars, batch), np.zeros((3, 5)))
     assert _apply(clf, clf_vars, batch, head=False).shape == (3, 64)
 
     # blocks(): every param in exactly one group; embeddings first, head last.
-    full = bert_lib.make(**kwargs, use_pooler=True, num_classes=5)
+    full = classifier("bert", **kwargs, use_pooler=True, num_classes=5)
     names = tree.flatten(jax.eval_shape(full.init, jax.random.PRNGKey(0), batch)["params"])
     groups = full.blocks()
     for name in names:
@@ -271,18 +273,69 @@ def test_pooling_head_and_blocks():
     assert tree.first_match("head/kernel", groups) == len(groups) - 1
 
     with pytest.raises(ValueError, match="pooling"):
-        _apply(bert_lib.make(**kwargs, pooling="max"), variables, batch)
+        _apply(classifier("bert", **kwargs, pooling="max"), variables, batch)
 
 
 def test_bfloat16_compute_keeps_float32_params():
     batch = _batch()
     kwargs = dict(vocab_size=97, hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128,
                   max_position_embeddings=40, pooling="mean")
-    model = bert_lib.make(**kwargs)
+    model = classifier("bert", **kwargs)
     variables = _random_variables(model, batch)
-    bf16 = bert_lib.make(**kwargs, dtype=jnp.bfloat16)
+    bf16 = classifier("bert", **kwargs, dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
         jax.eval_shape(bf16.init, jax.random.PRNGKey(0), batch)))
     out, ref = _apply(bf16, variables, batch), _apply(model, variables, batch)
     assert out.dtype == jnp.float32
     assert _max_diff(out, ref, "bfloat16 vs float32 compute", 5e-2) < 5e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face task checkpoints load with their heads.
+
+
+def _random_hf_task_model(cls, num_labels: int, seed: int = 3) -> torch.nn.Module:
+    """An HF BERT task model with odd shapes (width 36, 3 heads, 3 layers, FFN 52) and every
+    tensor random, named labels, saved and loaded the way users' checkpoints are."""
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=89, hidden_size=36, num_hidden_layers=3, num_attention_heads=3,
+        intermediate_size=52, max_position_embeddings=24, type_vocab_size=2,
+        num_labels=num_labels, id2label={i: f"tag{i}" for i in range(num_labels)},
+        label2id={f"tag{i}": i for i in range(num_labels)})
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if name.endswith("LayerNorm.weight") else 0.0
+            p.copy_(base + 0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("arch,num_labels", [("BertForSequenceClassification", 3),
+                                             ("BertForTokenClassification", 7)])
+def test_hf_task_checkpoints_load_with_their_heads(arch, num_labels, tmp_path):
+    """load_pretrained('hf:DIR') on a BertFor*Classification directory gives the HF logits
+    (padded batch; tolerance 1e-4); num_classes different from the checkpoint's replaces
+    the head with a zero-initialised one."""
+    from tljax import load_pretrained
+
+    hf = _random_hf_task_model(getattr(transformers, arch), num_labels)
+    hf.save_pretrained(tmp_path)
+    batch = _batch(vocab=89)
+    with torch.no_grad():
+        ref = hf(**_torch_inputs(batch)).logits.numpy()
+
+    model, variables, info = load_pretrained(f"hf:{tmp_path}")
+    token_level = arch == "BertForTokenClassification"
+    assert info.task == ("token_classification" if token_level else "classification")
+    assert info.class_names == [f"tag{i}" for i in range(num_labels)]
+    assert info.num_classes == num_labels and "head" in variables["params"]
+    ours = np.asarray(jax.jit(model.apply)(variables, batch))
+    assert ours.shape == ref.shape == ((3, 12, num_labels) if token_level else (3, num_labels))
+    assert _max_diff(ours, ref, f"{arch} logits", 1e-4) < 1e-4
+
+    replaced, new_vars, new_info = load_pretrained(f"hf:{tmp_path}", num_classes=2)
+    assert new_info.num_classes == 2 and new_info.class_names is None
+    assert np.array_equal(new_vars["params"]["head"]["kernel"], np.zeros((36, 2)))
+    out = np.asarray(replaced.apply(new_vars, batch))
+    assert out.shape[-1] == 2 and not out.any()

@@ -10,7 +10,8 @@ import pytest
 
 from tljax import freeze, optim, sharding, train, tree
 from tljax.config import ConfigError
-from tljax.models import build_model, lora
+from tljax.models import classifier, lora
+from tljax.tasks.classification import softmax_xent
 
 VIT = dict(num_classes=3, patch_size=(4, 4), width=8, depth=2, mlp_dim=32, num_heads=2,
            head_zeroinit=False)  # a non-zero head, so the backbone gets gradients at step 0
@@ -26,9 +27,13 @@ def _config(freeze_spec="full", **overrides):
     return config
 
 
+def _loss(logits, batch):
+    return softmax_xent(logits, batch["label"]).mean()
+
+
 def _setup(spec, **overrides):
     """A tiny ViT (LoRA-wrapped for lora presets), its params, plan and Phases on 1 device."""
-    model = build_model("vit", **VIT)
+    model = classifier("vit", **VIT)
     x = jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 3))
     config = _config(spec, **overrides)
     variables = model.init(jax.random.PRNGKey(0), x[:1])
@@ -40,9 +45,9 @@ def _setup(spec, **overrides):
     plan = freeze.Plan(config, params, model.blocks())
     mesh = sharding.make_mesh([("data", -1)])
     shardings = {"params": jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), params)}
-    phases = train.Phases(config, plan, train.model_forward(model), train.softmax_xent, mesh,
+    phases = train.Phases(config, plan, train.model_forward(model), _loss, mesh,
                           shardings, total_steps=100, warmup_steps=0)
-    batch = {"inputs": x, "label": jnp.arange(8) % 3}
+    batch = {"image": x, "label": jnp.arange(8) % 3}
     return model, params, plan, phases, batch
 
 
@@ -123,7 +128,7 @@ def test_phase_change_carries_kept_state_and_zeroes_new_state():
 
 
 def test_llrd_multipliers_per_block():
-    model = build_model("vit", **VIT)
+    model = classifier("vit", **VIT)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
     config = _config("full", llrd=0.5, lr_mults=[("^head/", 3.0)])
     plan = freeze.Plan(config, params, model.blocks())
@@ -143,7 +148,7 @@ def test_llrd_multipliers_per_block():
 
 
 def test_llrd_lr_values_in_the_optimizer():
-    model = build_model("vit", **VIT)
+    model = classifier("vit", **VIT)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
     config = _config("full", llrd=0.5, optim=dict(name="sgd"), grad_clip_norm=None)
     tx, _ = optim.make_optimizer(config, params, 10, 0, blocks=model.blocks())
@@ -155,7 +160,7 @@ def test_llrd_lr_values_in_the_optimizer():
 
 
 def test_wd_mults_and_rule_overrides():
-    model = build_model("vit", **VIT)
+    model = classifier("vit", **VIT)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
     config = _config("full", optim=dict(name="adamw", weight_decay=0.1),
                      wd_mults=[(r"(bias|scale)$", 0.0)])
@@ -184,7 +189,7 @@ def test_unfrozen_group_warms_up_again():
 
 
 def test_explicit_phases_and_epochs():
-    model = build_model("vit", **VIT)
+    model = classifier("vit", **VIT)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
     schedule = [{"rules": [("^head/", {}), (".*", None)]},
                 {"start_epoch": 1.5, "freeze": "last_k_blocks(1)", "name": "top"},
@@ -215,7 +220,7 @@ def test_explicit_phases_and_epochs():
     ("full", {"lr_mults": [("^head/",)]}, r"\(regex, multiplier\)"),
 ])
 def test_config_errors_are_one_line(spec, config, message):
-    model = build_model("vit", **VIT)
+    model = classifier("vit", **VIT)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
     with pytest.raises(ConfigError, match=message) as e:
         freeze.Plan(_config(spec, **config), params, model.blocks())
@@ -235,7 +240,7 @@ FAMILIES = {  # name: (kwargs, input)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_same_presets_for_every_family(family):
     kwargs, x = FAMILIES[family]
-    model = build_model(family, **kwargs)
+    model = classifier(family, **kwargs)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))["params"]
     names = set(tree.flatten(params))
     blocks = model.blocks()
@@ -258,7 +263,7 @@ def test_same_presets_for_every_family(family):
 
 
 def test_frozen_optimizer_state_is_only_for_trainable_leaves():
-    model = build_model("vit", **VIT)
+    model = classifier("vit", **VIT)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
     sizes = {}
     for spec in ("full", "last_k_blocks(1)", "linear_probe"):

@@ -18,7 +18,8 @@ import vit_finetune  # noqa: E402
 def _config(freeze_spec, **overrides):
     config = vit_finetune.get_config("runlocal")
     config.model = dict(patch_size=(7, 7), width=16, depth=1, mlp_dim=32, num_heads=2,
-                        pool_type="gap", dropout=0.0, head_zeroinit=False)
+                        pool_type="gap", dropout=0.0)
+    config.task.head_zeroinit = False
     config.input.split = "train[:256]"
     config.input.batch_size = 32
     config.input.pp = "decode|rgb|value_range(-1,1)"  # deterministic: cacheable

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tljax import tree
-from tljax.models import build_model, lora
+from tljax.models import classifier, lora
 
 VIT = dict(num_classes=3, patch_size=(4, 4), width=16, depth=2, mlp_dim=32, num_heads=2,
            head_zeroinit=False)
@@ -18,9 +18,9 @@ BERT = dict(num_classes=3, vocab_size=50, hidden_size=16, num_layers=2, num_head
 
 def _case(family):
     if family == "vit":
-        return build_model("vit", **VIT), jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+        return classifier("vit", **VIT), jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 50)
-    return build_model("bert", **BERT), {"input_ids": ids}
+    return classifier("bert", **BERT), {"input_ids": ids}
 
 
 def _perturb_b(variables, scale=0.1):

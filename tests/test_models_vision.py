@@ -16,10 +16,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tljax import tree  # noqa: E402
-from tljax.models import build_model  # noqa: E402
+from tljax.models import classifier  # noqa: E402
 from tljax.pretrained import efficientnet as effnet_conv  # noqa: E402
 from tljax.pretrained import resnetv2 as resnetv2_conv  # noqa: E402
 from tljax.pretrained import torchvision as tv_conv  # noqa: E402
+from tljax.pretrained.api import model_of  # noqa: E402
 
 TOL = 1e-4
 
@@ -71,7 +72,7 @@ def torch_logits(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 def check_parity(name: str, ref: torch.nn.Module, variables, info, x: np.ndarray,
                  tol: float = TOL) -> float:
-    model = build_model(info.model_name, **info.model_kwargs)
+    model = model_of(info)
     ours = np.asarray(jax.jit(model.apply)(variables, x))
     theirs = torch_logits(ref, x)
     diff = float(np.abs(ours - theirs).max())
@@ -99,7 +100,7 @@ def test_torchvision_resnet_parity(arch, tmp_path):
     ref = randomize(getattr(tv.models, arch)(num_classes=10))
     torch.save(ref.state_dict(), tmp_path / "weights.pth")
     _, variables, info = load_pretrained(f"torchvision:{arch}:{tmp_path / 'weights.pth'}")
-    assert info.model_kwargs == {"depth": int(arch[6:]), "num_classes": 10}
+    assert info.model_kwargs == {"depth": int(arch[6:])} and info.num_classes == 10
     assert set(variables) == {"params", "batch_stats"}
     check_parity(arch, ref, variables, info, images(2, 64))
 
@@ -118,7 +119,7 @@ def test_timm_resnetv2_bit_parity():
     torch.manual_seed(0)
     ref = randomize(timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10))
     variables, info = resnetv2_conv.convert_timm(state_dict_numpy(ref))
-    assert info.model_kwargs == {"depth": 50, "width": 1, "num_classes": 10}
+    assert info.model_kwargs == {"depth": 50, "width": 1} and info.num_classes == 10
     check_parity("resnetv2_50x1_bit", ref, variables, info, images(2, 64))
 
 
@@ -160,7 +161,7 @@ def test_efficientnet_lite2_random_init_parity():
     torch.manual_seed(0)
     ref = randomize(EfficientNet.from_name("efficientnet-lite2", image_size=64, num_classes=10))
     variables, info = effnet_conv.convert(state_dict_numpy(ref))
-    assert info.model_kwargs == {"variant": "lite2", "num_classes": 10}
+    assert info.model_kwargs == {"variant": "lite2"} and info.num_classes == 10
     check_parity("efficientnet-lite2 (random)", ref, variables, info, images(2, 64))
 
 
@@ -232,7 +233,7 @@ def test_family_conventions(name, kwargs, size):
     Shapes only (jax.eval_shape traces without compiling); the zero head is checked
     on real initialisations in test_bn_update_flag and by the parity tests' spec path.
     """
-    model = build_model(name, **kwargs)
+    model = classifier(name, **kwargs)
     x = jnp.ones((2, size, size, 3))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     assert {"head/kernel", "head/bias"} <= set(tree.flatten(variables["params"]))
@@ -262,7 +263,7 @@ def test_bn_update_flag(name, kwargs):
         return jax.jit(lambda v: model.apply(v, x, train=True, head=False,
                                              mutable=["batch_stats"], rngs=rngs))(variables)
 
-    frozen = build_model(name, num_classes=3, **kwargs)
+    frozen = classifier(name, num_classes=3, **kwargs)
     variables = jax.jit(frozen.init)(jax.random.key(0), x)
     assert not np.asarray(variables["params"]["head"]["kernel"]).any()  # zero-initialised head
     features_train, new = train_step(frozen, variables)
@@ -272,7 +273,7 @@ def test_bn_update_flag(name, kwargs):
     if name == "resnet":  # no dropout before the features: identical to eval mode
         features_eval = jax.jit(lambda v: frozen.apply(v, x, head=False))(variables)
         np.testing.assert_allclose(features_train, features_eval, rtol=1e-5, atol=1e-6)
-    updating = build_model(name, num_classes=3, bn_update=True, **kwargs)
+    updating = classifier(name, num_classes=3, bn_update=True, **kwargs)
     _, new = train_step(updating, variables)
     # Every variance moves (some means legitimately stay 0: a 1x1 conv of zero-mean input).
     old, new = tree.flatten(variables["batch_stats"]), tree.flatten(new["batch_stats"])
@@ -287,7 +288,7 @@ def test_efficientnet_variants_match_reference_sizes():
     for variant in ("lite0", "lite1", "lite2", "lite3", "lite4"):
         ref = EfficientNet.from_name(f"efficientnet-{variant}")
         ref_count = sum(p.numel() for p in ref.parameters())
-        model = build_model("efficientnet_lite", variant=variant)
+        model = classifier("efficientnet_lite", 1000, variant=variant)
         shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), jnp.ones((1, 64, 64, 3))))
         count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
         assert count == ref_count, (variant, count, ref_count)

@@ -9,11 +9,11 @@ import pytest
 
 from tljax import optim, tree
 from tljax.config import ConfigError
-from tljax.models import build_model
+from tljax.models import classifier
 
 
 def _params():
-    model = build_model("vit", num_classes=5, patch_size=(4, 4), width=16, depth=2, mlp_dim=32,
+    model = classifier("vit", num_classes=5, patch_size=(4, 4), width=16, depth=2, mlp_dim=32,
                         num_heads=2)
     return model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
 

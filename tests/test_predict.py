@@ -90,12 +90,15 @@ def image_run(tmp_path_factory) -> Path:
 
 def test_text_predictions_put_the_right_class_first(text_run):
     predictor = predict.Predictor(str(text_run))
-    assert predictor.is_text and predictor.class_names[3] == "sports"
-    sport, business = predictor.top([SPORT, BUSINESS], k=5)
-    assert sport[0][0] == "sports" and business[0][0] == "business", (sport, business)
-    probabilities = [p for _, p in sport]
-    assert probabilities == sorted(probabilities, reverse=True)
-    assert abs(sum(probabilities) - 1) < 1e-4
+    names = predictor.task.class_names
+    assert names[3] == "sports"
+    outputs, _ = predictor.outputs([SPORT, BUSINESS])
+    sport, business = predictor.task.probabilities(outputs)
+    assert names[sport.argmax()] == "sports" and names[business.argmax()] == "business"
+    assert abs(sport.sum() - 1) < 1e-4
+    lines = predictor.describe([SPORT], top=5)
+    shown = [float(part.rsplit(" ", 1)[1]) for part in lines[0].split(" | ")]
+    assert len(shown) == 5 and shown == sorted(shown, reverse=True)
 
 
 def test_text_cli_prints_top_classes_per_line(text_run, tmp_path):
@@ -117,10 +120,11 @@ def test_text_cli_prints_top_classes_per_line(text_run, tmp_path):
 
 def test_image_predictions_apply_the_eval_pp(image_run):
     predictor = predict.Predictor(str(image_run / "run"))
-    assert not predictor.is_text and predictor.class_names == sorted(COLORS)
-    files = [image_run / "data" / "test" / name / "0.png" for name in predictor.class_names]
-    top = predictor.top([str(f) for f in files], k=1)
-    assert [t[0][0] for t in top] == predictor.class_names
+    names = predictor.task.class_names
+    assert names == sorted(COLORS)
+    files = [image_run / "data" / "test" / name / "0.png" for name in names]
+    lines = predictor.describe([str(f) for f in files], top=1)
+    assert [line.split(" ")[0] for line in lines] == names
 
 
 def test_image_cli_and_unreadable_image(image_run, tmp_path):
@@ -156,4 +160,4 @@ def test_unfinished_and_foreign_workdirs_fail_in_one_line(tmp_path):
 
 def test_nothing_to_classify(text_run):
     result = _predict(f"--workdir={text_run}")
-    assert result.returncode == 2 and "Nothing to classify" in result.stderr
+    assert result.returncode == 2 and "Nothing to predict" in result.stderr

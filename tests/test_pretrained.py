@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from tests.test_models_vision import randomize  # noqa: E402
 from tljax import tree  # noqa: E402
-from tljax.models import build_model  # noqa: E402
+from tljax.models import classifier  # noqa: E402
 from tljax.pretrained import (  # noqa: E402
     CheckpointMismatchError,
     OfflineError,
@@ -156,7 +156,7 @@ def test_big_vision_npz(tmp_path, vit_tree, scanned):
     model, variables, info = load_pretrained(f"big_vision:{tmp_path / 'ckpt.npz'}")
     _assert_same_params(variables, flat)
     assert info.model_kwargs["depth"] == kwargs["depth"] and info.resolution == 32
-    assert model.gelu_approximate  # big_vision's nn.gelu default
+    assert model.backbone.gelu_approximate  # big_vision's nn.gelu default
     assert model.apply(variables, images(1, 32)).shape == (1, 5)
 
 
@@ -186,7 +186,7 @@ def test_vit_jax_npz(tmp_path, vit_tree):
 
 def small_vit(**kwargs):
     defaults = dict(num_classes=5, patch_size=(8, 8), width=32, depth=1, mlp_dim=64, num_heads=2)
-    return build_model("vit", **{**defaults, **kwargs})
+    return classifier("vit", **{**defaults, **kwargs})
 
 
 def init(model, size=32, seed=0):
@@ -248,7 +248,7 @@ def test_init_from_config_timm(tmp_path):
     from safetensors.torch import save_file
 
     save_file(timm_vit().state_dict(), str(tmp_path / "model.safetensors"))
-    model = build_model("vit", num_classes=10, patch_size=(8, 8), width=192, depth=2,
+    model = classifier("vit", num_classes=10, patch_size=(8, 8), width=192, depth=2,
                         mlp_dim=768, num_heads=3, gelu_approximate=False)
     target = init(model, size=48)
     cfg = ml_collections.ConfigDict({"source": "timm", "path": str(tmp_path / "model.safetensors"),
@@ -262,7 +262,7 @@ def test_init_from_config_timm(tmp_path):
 def test_load_pretrained_num_classes_replaces_head(tmp_path):
     hf_vit(tmp_path, **HF_CONFIGS["p8_d2_w64_eps1e-12"])
     model, variables, info = load_pretrained(f"hf:{tmp_path}", num_classes=2)
-    assert model.num_classes == 2 and info.model_kwargs["num_classes"] == 2
+    assert model.head.num_outputs == 2 and info.num_classes == 2
     assert not np.asarray(variables["params"]["head"]["kernel"]).any()
     assert np.asarray(model.apply(variables, images(1, 32))).shape == (1, 2)
 
@@ -347,7 +347,7 @@ def test_torch_missing_message(monkeypatch, tmp_path):
 def test_export_vit_to_hf_round_trip(tmp_path):
     transformers = pytest.importorskip("transformers")
     kwargs = dict(num_classes=4, patch_size=(8, 8), width=48, depth=2, mlp_dim=96, num_heads=3)
-    model = build_model("vit", **kwargs)
+    model = classifier("vit", **kwargs)
     variables = init(model)
     variables["params"]["head"]["kernel"] += 0.1  # a non-zero head checks the classifier too
     out = export_vit_to_hf(variables, kwargs, tmp_path / "hf")
@@ -391,4 +391,4 @@ def test_hf_bert_directory_is_delegated(tmp_path):
                                      num_attention_heads=2, intermediate_size=64)
     transformers.BertModel(config).save_pretrained(tmp_path)
     model, _, info = load_pretrained(f"hf:{tmp_path}", num_classes=2)
-    assert info.model_name == "bert" and model.num_classes == 2
+    assert info.model_name == "bert" and model.head.num_outputs == 2

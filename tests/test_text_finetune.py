@@ -103,7 +103,7 @@ def test_checkpoint_fills_every_encoder_parameter_strictly():
     from tljax.pretrained.loading import CheckpointMismatchError, init_from_config
 
     config = get_config()
-    model = models.build_model("bert", num_classes=5, **config.model)
+    model = models.classifier("bert", 5, **config.model)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             {"input_ids": jnp.zeros((1, 8), jnp.int32)})
     merged = tree.flatten(init_from_config(config.init, shapes))

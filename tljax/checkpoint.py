@@ -90,9 +90,10 @@ def load_variables(directory: str, step: int | None = None) -> tuple[dict, dict]
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
     state = jax.tree_util.tree_map(np.asarray, state.state)
-    metadata_path = os.path.join(os.path.dirname(root), "config.json")
     metadata = {"step": step}
-    if os.path.exists(metadata_path):
-        with open(metadata_path) as f:
-            metadata["config"] = json.load(f)
+    for key in ("config", "results"):
+        path = os.path.join(os.path.dirname(root), f"{key}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                metadata[key] = json.load(f)
     return {"params": state["params"], **state.get("model_state", {})}, metadata

@@ -14,8 +14,10 @@ from typing import Any
 
 import ml_collections
 
+from tljax.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config that cannot run; the message is one line saying what to change."""
 
 
@@ -26,7 +28,7 @@ TOP_LEVEL = {
     "init": "pretrained initialisation: source, path, dont_load regexes, arch, step",
     "input": "training data: dataset, split, pp, batch_size, data_dir",
     "eval": "evaluation data: split, pp, batch_size (dataset and data_dir from input)",
-    "loss": "'softmax_xent' or 'sigmoid_xent'",
+    "task": "what is predicted: name (classification, token_classification, ...) + its options",
     "optim": "optimizer: name ('sgd' or 'adamw') plus that optax function's arguments",
     "lr": "base learning rate",
     "lr_schedule": "shape of the learning rate: decay_type (cosine, linear, constant), linear_end",
@@ -42,7 +44,8 @@ TOP_LEVEL = {
     "mesh": "list of (axis name, size) for the device mesh, -1 takes the remaining devices",
     "sharding_rules": "list of (regex, 'replicate' | 'fsdp') deciding parameter sharding",
     "keep_checkpoints": "number of checkpoints kept in WORKDIR/checkpoints",
-    "expected": "published number this recipe reproduces: metric, value, tolerance, source",
+    "expected": "published number this recipe reproduces: metric (a key of the final eval "
+                "metrics, compared in %), value, tolerance, source",
 }
 
 DURATIONS = ("total", "warmup", "log_every", "eval_every", "checkpoint_every")

@@ -2,12 +2,13 @@
 
 When only the head trains for the whole run and the training pipeline has no random
 ops, the backbone's output for an example never changes, so it is computed once:
-`model.apply(variables, x, train=False, head=False)` over the training split (batched,
-sharded over the mesh like evaluation), stored in WORKDIR/features/ and reused by later
-and resumed runs. Training then applies only the head (`nn.Dense` named 'head') to
-batches of cached features, taken in exactly the order `data.train_batches` would
-give the images (same shuffle, same epochs, same resume state), so the head follows
-the same trajectory as the uncached probe up to float rounding.
+`model.apply(variables, x, train=False, head=False)` (what the task's head reads: pooled
+features, or per-token states) over the training split (batched, sharded over the mesh
+like evaluation), stored in WORKDIR/features/ with the task's targets and reused by later
+and resumed runs. Training then applies only the head (`model.head`) to batches of
+cached features, taken in exactly the order `data.train_batches` would give the inputs
+(same shuffle, same epochs, same resume state), so the head follows the same trajectory
+as the uncached probe up to float rounding.
 
 The backbone runs in inference mode (train=False) for the cache: dropout is off and
 batch norm uses its running statistics, which is what a frozen backbone should do.
@@ -21,14 +22,13 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tljax import data, freeze
+from tljax import data, freeze, models
 from tljax.config import ConfigError
 from tljax.data import pipeline
 from tljax.data.preprocess import Preprocess
@@ -41,7 +41,8 @@ def check_cacheable(config: ml_collections.ConfigDict, plan: freeze.Plan,
         raise ConfigError("config.cache_features=True needs a frozen backbone; lora(...) "
                           "trains adapters inside it.")
     for index, phase in enumerate(plan.phases):
-        outside = sorted(n for n in plan.trainable_names(index) if not n.startswith("head/"))
+        outside = sorted(n for n in plan.trainable_names(index) if not n.startswith(
+            models.HEAD[1:]))
         if outside:
             raise ConfigError(f"config.cache_features=True needs a frozen backbone, but phase "
                               f"{phase.name!r} trains {outside[0]} (and {len(outside) - 1} "
@@ -52,18 +53,17 @@ def check_cacheable(config: ml_collections.ConfigDict, plan: freeze.Plan,
     return True
 
 
-def head_forward(model: Any) -> Callable:
-    """The train step's forward on cached features: logits = head(features).
+def head_forward(model: models.Model) -> Callable:
+    """The train step's forward on cached features: outputs = head(batch['features']).
 
-    The head is the models' `nn.Dense(num_classes, dtype=model.dtype, name='head')`
-    with float32 output; the rest of `params` is passed through untouched.
+    The rest of `params` (the frozen backbone) is passed through untouched.
     """
-    head = nn.Dense(model.num_classes, dtype=model.dtype)
 
-    def forward(params: Any, model_state: dict, inputs: Any, rng: jax.Array
+    def forward(params: Any, model_state: dict, batch: dict, rng: jax.Array
                 ) -> tuple[jnp.ndarray, dict]:
-        del rng
-        return head.apply({"params": params["head"]}, inputs).astype(jnp.float32), model_state
+        outputs = model.head.apply({"params": params["head"]}, batch["features"], train=True,
+                                   rngs={"dropout": rng})
+        return outputs, model_state
 
     return forward
 
@@ -74,33 +74,36 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
             "init": config.get("init"), "dataset": config.input.dataset,
             "split": config.input.split, "pp": config.input.pp,
             "compute_dtype": config.get("compute_dtype"), "seed": config.seed,
-            "freeze": config.get("freeze")}
+            "freeze": config.get("freeze"), "task": config.get("task")}
     text = json.dumps(ml_collections.ConfigDict(keys).to_dict(), sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def compute_features(config: ml_collections.ConfigDict, model: Any, variables: dict,
-                     global_batch: Callable[[dict], dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, ...), labels (N,)) of every example of the training split, in order."""
+                     global_batch: Callable[[dict], dict]) -> dict[str, np.ndarray]:
+    """{'features': (N, ...), target key: (N, ...)} of every training example, in order.
+
+    The targets are the batch's arrays that are not model inputs (labels, tags, ...).
+    """
 
     @jax.jit
-    def embed(variables: dict, inputs: Any) -> jnp.ndarray:
-        return model.apply(variables, inputs, train=False, head=False)
+    def embed(variables: dict, batch: dict) -> jnp.ndarray:
+        return model.apply(variables, models.inputs_of(model, batch), train=False, head=False)
 
     batches = data.eval_batches(
         dataset=config.input.dataset, split=config.input.split, pp=config.input.pp,
         batch_size=config.eval.batch_size, data_dir=config.input.get("data_dir"),
         process_index=jax.process_index(), process_count=jax.process_count())
-    feats, labels = [], []
+    columns: dict[str, list[np.ndarray]] = {}
     for batch in batches:
         batch = global_batch(batch)
-        out = embed(variables, batch["inputs"])
-        out, label, mask = multihost_utils.process_allgather(
-            (out, batch["label"], batch["mask"]), tiled=True)
+        keep = {k: v for k, v in batch.items() if k not in model.inputs and k != "mask"}
+        out, keep, mask = multihost_utils.process_allgather(
+            (embed(variables, batch), keep, batch["mask"]), tiled=True)
         mask = np.asarray(mask, bool)
-        feats.append(np.asarray(out)[mask])
-        labels.append(np.asarray(label)[mask])
-    return np.concatenate(feats), np.concatenate(labels)
+        for key, value in {"features": out, **keep}.items():
+            columns.setdefault(key, []).append(np.asarray(value)[mask])
+    return {k: np.concatenate(v) for k, v in columns.items()}
 
 
 class CachedBatches(Iterator[dict]):
@@ -111,8 +114,8 @@ class CachedBatches(Iterator[dict]):
     run's position, match the uncached run exactly.
     """
 
-    def __init__(self, feats: np.ndarray, labels: np.ndarray, like: pipeline.TrainBatches):
-        self._feats, self._labels = feats, labels
+    def __init__(self, columns: dict[str, np.ndarray], like: pipeline.TrainBatches):
+        self._columns = columns
         self._like = like
         self.info = like.info
 
@@ -120,7 +123,7 @@ class CachedBatches(Iterator[dict]):
         step = self._like.step
         indices = self._like.indices_at(step)
         self._like.set_state({**self._like.get_state(), "step": step + 1})
-        return {"inputs": self._feats[indices], "label": self._labels[indices]}
+        return {k: v[indices] for k, v in self._columns.items()}
 
     def get_state(self) -> dict[str, Any]:
         return self._like.get_state()
@@ -130,21 +133,21 @@ class CachedBatches(Iterator[dict]):
 
 
 def cached_batches(config: ml_collections.ConfigDict, model: Any, state: dict,
-                   train_iter: pipeline.TrainBatches, workdir: str, mesh: Any,
+                   train_iter: pipeline.TrainBatches, workdir: str,
                    global_batch: Callable[[dict], dict]) -> CachedBatches:
     """Loads WORKDIR/features/<fingerprint>.npz, computing and saving it first if missing."""
-    del mesh  # the batches are sharded by global_batch, like evaluation
     path = os.path.join(workdir, "features", f"{fingerprint(config)}.npz")
     if os.path.exists(path):
-        with np.load(path) as f:
-            feats, labels = f["features"], f["labels"]
-        print(f"Cached features: {path} {feats.shape}.", flush=True)
+        with np.load(path, allow_pickle=False) as f:
+            columns = {k: f[k] for k in f.files}
+        print(f"Cached features: {path} {columns['features'].shape}.", flush=True)
     else:
         variables = {"params": state["params"], **state["model_state"]}
-        feats, labels = compute_features(config, model, variables, global_batch)
+        columns = compute_features(config, model, variables, global_batch)
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            np.savez(path + ".tmp.npz", features=feats, labels=labels)
+            np.savez(path + ".tmp.npz", **columns)
             os.replace(path + ".tmp.npz", path)
-        print(f"Computed features of {len(feats):,} examples into {path}.", flush=True)
-    return CachedBatches(feats, labels, train_iter)
+        print(f"Computed features of {len(columns['features']):,} examples into {path}.",
+              flush=True)
+    return CachedBatches(columns, train_iter)

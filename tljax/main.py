@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tljax.config import ConfigError, closest
+from tljax.errors import InputError, report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with arguments: FILE:arg=value,...",
@@ -26,8 +27,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def _fail(message: str) -> None:
-    print(f"Error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(report(InputError(message)))
 
 
 def _load_config_file(spec: str):
@@ -97,13 +97,10 @@ def main(argv: list[str]) -> None:
 
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from tljax import train  # after distributed init: nothing may touch JAX before it
-    from tljax.data import DatasetNotPreparedError
-    from tljax.pretrained import CheckpointMismatchError, OfflineError, UnsafeCheckpointError
 
     try:
         train.train_and_evaluate(config, _WORKDIR.value)
-    except (ConfigError, DatasetNotPreparedError, OfflineError, UnsafeCheckpointError,
-            CheckpointMismatchError) as e:
+    except InputError as e:
         # Mistakes of input, not of code: the message says what to change; no traceback.
         _fail(str(e))
 

@@ -79,11 +79,11 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(workdir: str) -> str | None:
-    """WORKDIR/curves.png: training loss and evaluation accuracy against steps."""
+def plot_curves(workdir: str, metric: str = "accuracy") -> str | None:
+    """WORKDIR/curves.png: training loss and the task's main eval `metric` against steps."""
     records = read_metrics(workdir)
     train = [r for r in records if r["kind"] == "train" and "loss" in r]
-    evals = [r for r in records if r["kind"] == "eval" and "accuracy" in r]
+    evals = [r for r in records if r["kind"] == "eval" and metric in r]
     if not train and not evals:
         return None
     import matplotlib
@@ -96,10 +96,10 @@ def plot_curves(workdir: str) -> str | None:
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_acc.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-",
-                label="eval accuracy")
+    ax_acc.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-",
+                label=f"eval {metric}")
     ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("top-1 accuracy")
+    ax_acc.set_ylabel(metric)
     ax_acc.legend()
     fig.tight_layout()
     path = os.path.join(workdir, "curves.png")

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from tljax import config as config_lib
-from tljax import data, features, freeze, models, optim, outputs, sharding, tree
+from tljax import data, features, freeze, models, optim, outputs, sharding, tasks, tree
 from tljax.checkpoint import RunCheckpoints
 from tljax.models import lora
 from tljax.pretrained import loading
@@ -39,24 +40,6 @@ def enable_compilation_cache() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Losses and metrics.
-
-
-def softmax_xent(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-    """Per-example -log softmax(logits)[label]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def sigmoid_xent(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-    """Per-example sum over classes of binary cross-entropy against the one-hot label."""
-    one_hot = jax.nn.one_hot(labels, logits.shape[-1])
-    return optax.sigmoid_binary_cross_entropy(logits, one_hot).sum(axis=-1)
-
-
-LOSSES = {"softmax_xent": softmax_xent, "sigmoid_xent": sigmoid_xent}
-
-
-# ---------------------------------------------------------------------------
 # The run.
 
 
@@ -64,9 +47,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Fine-tunes as `config` says, writing into `workdir`; returns the final eval metrics."""
     enable_compilation_cache()
     config_lib.validate(config, models.model_fields(config.model_name))
-    if config.loss not in LOSSES:
-        raise config_lib.ConfigError(f"config.loss={config.loss!r}: expected one of "
-                                     f"{', '.join(LOSSES)}.")
     is_chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_chief:
@@ -92,22 +72,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         process_index=jax.process_index(), process_count=jax.process_count())
 
     def global_batch(local_batch: dict) -> dict:
-        return jax.tree_util.tree_map(
-            lambda x: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x)),
-            local_batch)
+        # Strings and ragged lists (object arrays) stay on the host.
+        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x))
+                for k, x in local_batch.items() if np.asarray(x).dtype != object}
 
-    # Model, initialised straight into its shardings: eval_shape gives the tree
-    # without computing it, the jitted init writes each shard where it lives.
-    model_kwargs = dict(config.model)
-    if config.get("compute_dtype", "float32") != "float32":
-        model_kwargs["dtype"] = jnp.dtype(config.compute_dtype)
-    model = models.build_model(config.model_name, num_classes=info.num_classes, **model_kwargs)
+    # Task and model: the task (targets, head, loss, metrics) comes from the config and the
+    # dataset's features; the model is the backbone with the task's head attached as `head`.
+    task = tasks.build_task(config.get("task"), info)
+    model = models.from_config(config, task)
     start_state = train_iter.get_state()
-    sample = jax.tree_util.tree_map(lambda x: np.asarray(x)[:1], next(train_iter)["inputs"])
+    sample = models.inputs_of(model, {k: np.asarray(v)[:1] for k, v in
+                                      next(train_iter).items()})
     train_iter.set_state(start_state)
 
+    # Initialised straight into its shardings: eval_shape gives the tree without
+    # computing it, the jitted init writes each shard where it lives.
+    base_model = model.base if isinstance(model, lora.LoRA) else model
+
     def init_variables(rng: jax.Array) -> dict:
-        return model.init({"params": rng, "dropout": rng}, sample, train=False)
+        return base_model.init({"params": rng, "dropout": rng}, sample, train=False)
 
     root_rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(root_rng)
@@ -125,7 +108,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lora_options = freeze.lora_options(config)
     if lora_options:
         # Adapters join the (pretrained) base variables: B = 0, so step 0 is the base model.
-        model = lora.LoRA(model, **lora_options)
         variables = model.add_adapters(variables, jax.random.fold_in(init_rng, 1), sample,
                                        train=False)
         variable_shardings = variable_shardings_of(config, variables, mesh)
@@ -141,9 +123,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         cached = features.check_cacheable(config, plan, lora_options)
     checkpoints = RunCheckpoints(workdir, keep=config.get("keep_checkpoints", 2))
     resume_step = checkpoints.latest_step()
-    loss_fn = LOSSES[config.loss]
     forward = features.head_forward(model) if cached else model_forward(model)
-    phases = Phases(config, plan, forward, loss_fn, mesh, variable_shardings, total_steps,
+    phases = Phases(config, plan, forward, task.loss, mesh, variable_shardings, total_steps,
                     every["warmup"] or 0)
     # A checkpoint's optimizer state is that of the phase of its last update.
     phase = phases.get(plan.index_at(max((resume_step or 0) - 1, 0)))
@@ -167,10 +148,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               f"{plan.phases[phase.index].name!r}).", flush=True)
     if cached:
         # The frozen backbone's features, computed once; batches follow train_iter's order.
-        train_iter = features.cached_batches(config, model, state, train_iter, workdir, mesh,
+        train_iter = features.cached_batches(config, model, state, train_iter, workdir,
                                              global_batch)
 
-    evaluate = make_evaluator(config, model, loss_fn, global_batch)
+    evaluate = make_evaluator(config, model, task, global_batch)
     lr_at = optim.lr_schedule(config.lr, total_steps, every["warmup"] or 0,
                               **dict(config.lr_schedule))
 
@@ -203,8 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints.close()
     writer.close()
     if is_chief:
-        write_results(workdir, config, final, info, total_steps)
-        outputs.plot_curves(workdir)
+        write_results(workdir, config, final, info, task, total_steps)
+        outputs.plot_curves(workdir, task.main_metric)
     return final
 
 
@@ -215,14 +196,15 @@ def variable_shardings_of(config: ml_collections.ConfigDict, variables: Any, mes
                for k, v in variables.items() if k != "params"}}
 
 
-Forward = Callable[[Any, dict, Any, jax.Array], tuple[jnp.ndarray, dict]]
+Forward = Callable[[Any, dict, dict, jax.Array], tuple[Any, dict]]
 
 
 def model_forward(model: Any) -> Forward:
-    """(params, model_state, inputs, dropout rng) -> (logits, new model_state), train mode."""
+    """(params, model_state, batch, dropout rng) -> (outputs, new model_state), train mode."""
 
-    def forward(params: Any, model_state: dict, inputs: Any, rng: jax.Array
-                ) -> tuple[jnp.ndarray, dict]:
+    def forward(params: Any, model_state: dict, batch: dict, rng: jax.Array
+                ) -> tuple[Any, dict]:
+        inputs = models.inputs_of(model, batch)
         variables = {"params": params, **model_state}
         if model_state:
             return model.apply(variables, inputs, train=True, rngs={"dropout": rng},
@@ -232,8 +214,9 @@ def model_forward(model: Any) -> Forward:
     return forward
 
 
-def make_train_step(forward: Forward, loss_fn: Any, tx: optax.GradientTransformation,
-                    trainable: Any) -> Callable[[dict, dict], tuple[dict, dict]]:
+def make_train_step(forward: Forward, loss_fn: Callable[[Any, dict], jnp.ndarray],
+                    tx: optax.GradientTransformation, trainable: Any
+                    ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """One update: state -> state with the trainable leaves moved by `tx`.
 
     Frozen leaves (trainable False) enter the loss through `stop_gradient`, so no gradient
@@ -247,9 +230,8 @@ def make_train_step(forward: Forward, loss_fn: Any, tx: optax.GradientTransforma
         def loss_of(params: Any) -> tuple[jnp.ndarray, dict]:
             params = jax.tree_util.tree_map(
                 lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-            logits, new_model_state = forward(params, state["model_state"], batch["inputs"],
-                                              step_rng)
-            return loss_fn(logits, batch["label"]).mean(), new_model_state
+            outputs, new_model_state = forward(params, state["model_state"], batch, step_rng)
+            return loss_fn(outputs, batch), new_model_state
 
         (loss, new_model_state), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state["params"])
@@ -333,34 +315,29 @@ def _due(step: int, interval: int | None, total_steps: int) -> bool:
     return step == total_steps or bool(interval and step % interval == 0)
 
 
-def make_evaluator(config: ml_collections.ConfigDict, model: Any, loss_fn: Any,
-                   global_batch: Any) -> Any:
-    """Top-1 accuracy and mean loss over the whole eval split.
+def make_evaluator(config: ml_collections.ConfigDict, model: Any, task: tasks.Task,
+                   global_batch: Any) -> Callable[[dict], dict[str, float]]:
+    """The task's metrics over the whole eval split.
 
     The last batch is padded and masked, so no example is dropped or counted twice.
     """
 
     @jax.jit
     def eval_step(params: Any, model_state: dict, batch: dict) -> dict:
-        logits = model.apply({"params": params, **model_state}, batch["inputs"], train=False)
-        mask = batch["mask"].astype(jnp.float32)
-        correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
-        return {"correct": jnp.sum(correct * mask),
-                "loss": jnp.sum(loss_fn(logits, batch["label"]) * mask),
-                "count": jnp.sum(mask)}
+        outputs = model.apply({"params": params, **model_state},
+                              models.inputs_of(model, batch), train=False)
+        return task.eval_outputs(outputs, batch)
 
     def evaluate(state: dict) -> dict[str, float]:
         batches: Iterable[dict] = data.eval_batches(
             dataset=config.input.dataset, split=config.eval.split, pp=config.eval.pp,
             batch_size=config.eval.batch_size, data_dir=config.input.get("data_dir"),
             process_index=jax.process_index(), process_count=jax.process_count())
-        totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+        metrics = task.metrics()
         for batch in batches:
-            sums = eval_step(state["params"], state["model_state"], global_batch(batch))
-            totals = {k: totals[k] + float(v) for k, v in sums.items()}
-        count = max(totals["count"], 1.0)
-        return {"accuracy": totals["correct"] / count, "loss": totals["loss"] / count,
-                "examples": totals["count"]}
+            arrays = eval_step(state["params"], state["model_state"], global_batch(batch))
+            metrics.update(multihost_utils.process_allgather(arrays, tiled=True))
+        return metrics.result()
 
     return evaluate
 
@@ -383,15 +360,17 @@ def report_start(config: ml_collections.ConfigDict, params: Any, labels: Any, me
 
 
 def write_results(workdir: str, config: ml_collections.ConfigDict, final: dict[str, float],
-                  info: data.DatasetInfo, total_steps: int) -> None:
+                  info: data.DatasetInfo, task: tasks.Task, total_steps: int) -> None:
     results: dict[str, Any] = {
-        "final_eval": final, "steps": total_steps, "dataset": info.name,
-        "eval_split": config.eval.split, "class_names": list(info.class_names),
+        "final_eval": final, "main_metric": task.main_metric, "steps": total_steps,
+        "dataset": info.name, "eval_split": config.eval.split, "task": task.name,
+        "class_names": task.output_names, "features": info.features_json(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     expected = config.get("expected")
     if expected and expected.get("value") is not None:
-        measured = 100 * final["accuracy"]
+        metric = expected.get("metric") or task.main_metric
+        measured = 100 * final[metric]
         results["expected"] = {**dict(expected), "measured": measured,
                                "within_tolerance": abs(measured - expected.value)
                                <= expected.get("tolerance", 0.0)}

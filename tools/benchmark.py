@@ -29,7 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 from tljax import features, freeze, sharding, train  # noqa: E402
-from tljax.models import build_model, lora  # noqa: E402
+from tljax.models import classifier, lora  # noqa: E402
+from tljax.tasks.classification import softmax_xent  # noqa: E402
 
 PRESETS = ("full", "last_k_blocks(2)", "bitfit", "lora(rank=8, alpha=16)", "linear_probe")
 
@@ -60,25 +61,28 @@ def _config(spec: str) -> ml_collections.ConfigDict:
         schedule=None, lr_schedule=dict(decay_type="cosine", linear_end=0.0)))
 
 
+def loss_fn(logits: Any, batch: dict) -> Any:
+    return softmax_xent(logits, batch["label"]).mean()
+
+
 def _nbytes(tree_: Any) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree_)))
 
 
 def freeze_suite(args: argparse.Namespace) -> dict[str, Any]:
-    model = build_model("vit", variant=args.model, num_classes=args.classes,
-                        head_zeroinit=False)
+    model = classifier("vit", args.classes, head_zeroinit=False, variant=args.model)
     rng = jax.random.PRNGKey(0)
     images = jax.random.normal(rng, (args.batch, args.res, args.res, 3))
     labels = jnp.arange(args.batch) % args.classes
-    batch = {"inputs": images, "label": labels}
+    batch = {"image": images, "label": labels}
     base_vars = jax.jit(lambda r: model.init(r, images[:1]))(rng)
     mesh = sharding.make_mesh([("data", -1)])
     results: dict[str, Any] = {"presets": {}}
 
     @jax.jit
     def forward_only(params: Any, batch: dict) -> jnp.ndarray:
-        logits = model.apply({"params": params}, batch["inputs"], train=True)
-        return train.softmax_xent(logits, batch["label"]).mean()
+        logits = model.apply({"params": params}, batch["image"], train=True)
+        return loss_fn(logits, batch)
 
     forward_s = _time(forward_only, base_vars["params"], batch, reps=args.reps)
     results["forward_only"] = {"step_s": forward_s,
@@ -95,7 +99,7 @@ def freeze_suite(args: argparse.Namespace) -> dict[str, Any]:
         params = variables["params"]
         plan = freeze.Plan(config, params, model.blocks())
         shardings = {"params": jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), params)}
-        phases = train.Phases(config, plan, train.model_forward(step_model), train.softmax_xent,
+        phases = train.Phases(config, plan, train.model_forward(step_model), loss_fn,
                               mesh, shardings, total_steps=1000, warmup_steps=0)
         phase = phases.get(0)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": {},
@@ -126,7 +130,7 @@ def freeze_suite(args: argparse.Namespace) -> dict[str, Any]:
     params = base_vars["params"]
     plan = freeze.Plan(config, params, model.blocks())
     shardings = {"params": jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), params)}
-    cached = train.Phases(config, plan, features.head_forward(model), train.softmax_xent, mesh,
+    cached = train.Phases(config, plan, features.head_forward(model), loss_fn, mesh,
                           shardings, total_steps=1000, warmup_steps=0).get(0)
     embed = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False, head=False))
     feats = embed(params, images)
@@ -136,7 +140,7 @@ def freeze_suite(args: argparse.Namespace) -> dict[str, Any]:
                         "opt_state": cached.init(params), "rng": rng}}
 
     def cached_step(feats: Any) -> Any:
-        holder["state"], metrics = cached.step(holder["state"], {"inputs": feats,
+        holder["state"], metrics = cached.step(holder["state"], {"features": feats,
                                                                  "label": labels})
         return metrics
 

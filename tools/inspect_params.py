@@ -75,9 +75,8 @@ def describe_schedule(config: Any, step: int = 0) -> str:
     Builds only shapes (`jax.eval_shape`): no weights are loaded or computed.
     """
     import jax
-    import jax.numpy as jnp
 
-    from tljax import data, freeze, models
+    from tljax import data, freeze, models, tasks
     from tljax.models import lora
 
     _, info = data.get_source(config.input.dataset, config.input.split,
@@ -85,15 +84,12 @@ def describe_schedule(config: Any, step: int = 0) -> str:
     batches = data.train_batches(dataset=config.input.dataset, split=config.input.split,
                                  pp=config.input.pp, batch_size=config.input.batch_size,
                                  seed=config.seed, data_dir=config.input.get("data_dir"))
-    sample = jax.tree_util.tree_map(lambda x: np.asarray(x)[:1], batches.batch_at(0)["inputs"])
-    model_kwargs = dict(config.model)
-    if config.get("compute_dtype", "float32") != "float32":
-        model_kwargs["dtype"] = jnp.dtype(config.compute_dtype)
-    model = models.build_model(config.model_name, num_classes=info.num_classes, **model_kwargs)
+    model = models.from_config(config, tasks.build_task(config.get("task"), info))
+    sample = models.inputs_of(model, {k: np.asarray(v)[:1] for k, v in
+                                      batches.batch_at(0).items()
+                                      if np.asarray(v).dtype != object})
     rng = jax.random.PRNGKey(0)
     options = freeze.lora_options(config)
-    if options:
-        model = lora.LoRA(model, **options)
     params = jax.eval_shape(lambda r: model.init({"params": r, "dropout": r}, sample,
                                                  train=False), rng)["params"]
     train_size = len(data.get_source(config.input.dataset, config.input.split,

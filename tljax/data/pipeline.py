@@ -183,11 +183,19 @@ def _open(
     if len(source) == 0:
         raise ValueError(f"Split {split!r} of {dataset!r} is empty.")
     # Caught here rather than as an odd error from a prefetch thread.
-    if (info.kind == "text") != (preprocess.batch_op is not None):
-        need = "a tokenize(...) op at the end" if info.kind == "text" else "no tokenize op"
+    text = sorted(k for k, f in info.features.items() if f.kind in ("text", "tokens"))
+    if text and not preprocess.batch_ops:
         raise ValueError(
-            f"{dataset!r} is a {info.kind} dataset: pp needs {need}, got {preprocess.pp!r}."
+            f"{dataset!r} is a text dataset ({', '.join(text)}): pp needs a tokenize op at the "
+            f"end (tokenize(...) or tokenize_words(...)), got {preprocess.pp!r}."
         )
+    for op in preprocess.batch_ops:
+        key = getattr(op, "reads", None)
+        if key is not None and key not in info.features:
+            raise ValueError(
+                f"pp {preprocess.pp!r} tokenizes {key!r}, but {dataset!r} has no such feature "
+                f"(it has {', '.join(sorted(info.features))})."
+            )
     return source, info
 
 
@@ -204,8 +212,8 @@ def train_batches(
 ) -> TrainBatches:
     """This process's share of an infinite, per-epoch reshuffled stream of global batches.
 
-    Each batch is {'inputs': float32 (b, H, W, C) or dict of int32 (b, L), 'label': int32 (b,)}
-    with b = batch_size // process_count.
+    Each batch is a dict of arrays with leading dimension b = batch_size // process_count,
+    whatever keys the pp string leaves (e.g. 'image' float32 (b, H, W, C) and 'label' (b,)).
     """
     local = _local_batch_size(batch_size, process_count, process_index)
     preprocess = Preprocess(pp)

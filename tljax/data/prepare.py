@@ -116,10 +116,10 @@ def prepare(name: str, data_dir: str | None = None, source: str = "auto") -> str
     (TFDS when the download host is reachable, local files otherwise).
     """
     data_dir = sources.resolve_data_dir(data_dir)
-    if name == "bbc_news":
-        path = sources.bbc_news_root()
-        _log(f"bbc_news is read directly from {path}; nothing to prepare.")
-        return str(path)
+    if name in sources.registered_names():
+        sources.get_source(name, "train")  # an uninstalled package fails here, saying so
+        _log(f"{name} is read directly from its installed package; nothing to prepare.")
+        return name
     if source not in ("auto", "tfds", "local"):
         raise ValueError(f"source must be 'auto', 'tfds' or 'local', not {source!r}.")
     with _lock(data_dir, name.replace("/", "_").replace(":", "_")):

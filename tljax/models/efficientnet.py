@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tljax.models.layers import DepthwiseConv, classifier_head
+from tljax.models.layers import DepthwiseConv
 from tljax.models.resnet import batch_norm
 
 # variant: (width multiplier, depth multiplier, resolution, dropout before the head)
@@ -123,20 +123,24 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite classifier; `__call__(images, train, head=False)` returns pooled features.
+    """EfficientNet-Lite backbone: `__call__(images, train)` -> (features, out).
 
+    features: the global average of the top convolution, with the variant's dropout
+    (`dropout`) applied while training, as the reference applies it before its classifier;
+    out: 'stage_1'..'stage_5', the last block output at strides 2, 4, 8, 16 and the top
+    convolution's output at stride 32.
     Expects images as (x - 127) / 128 of 0..255 pixels (`value_range=(-1, 1)` roughly).
     """
 
+    inputs: ClassVar[tuple[str, ...]] = ("image",)
+
     variant: str = "lite0"
-    num_classes: int | None = 1000
     dropout: float | None = None  # None: the variant's rate
     drop_connect_rate: float = 0.2
     bn_update: bool = False
     # Decay of the running statistics when bn_update: short runs from scratch need
     # a faster one (0.9) than the reference's 0.99, or evaluation sees stale averages.
     bn_momentum: float = BN_MOMENTUM
-    head_zeroinit: bool = True
     dtype: Any = jnp.float32
 
     def _config(self) -> tuple[float, float, int, float]:
@@ -150,10 +154,11 @@ class EfficientNetLite(nn.Module):
         width, depth, _, _ = self._config()
         n = len(block_args(width, depth))
         return (["^(stem_conv|stem_bn)/"] + [f"^block{i}/" for i in range(n)]
-                + ["^(top_conv|top_bn)/", "^head/"])
+                + ["^(top_conv|top_bn)/"])
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray, train: bool = False, head: bool = True) -> jnp.ndarray:
+    def __call__(self, images: jnp.ndarray, train: bool = False
+                 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         width, depth, _, dropout = self._config()
         bn = lambda name: batch_norm(train, self.bn_update, name, self.dtype, BN_EPS,
                                      self.bn_momentum)
@@ -161,20 +166,20 @@ class EfficientNetLite(nn.Module):
                     dtype=self.dtype, name="stem_conv")(images)
         x = nn.relu6(bn("stem_bn")(x))
         blocks = block_args(width, depth)
+        out = {}
         for i, args in enumerate(blocks):
+            if args.stride > 1:  # the previous block closed a stage
+                out[f"stage_{len(out) + 1}"] = x
             # Drop-connect grows linearly with depth, as in the reference.
             rate = self.drop_connect_rate * i / len(blocks)
             x = MBConv(args, rate, self.bn_update, self.dtype, self.bn_momentum,
                        name=f"block{i}")(x, train)
         x = nn.Conv(TOP_FILTERS, (1, 1), use_bias=False, dtype=self.dtype, name="top_conv")(x)
         x = nn.relu6(bn("top_bn")(x))
+        out[f"stage_{len(out) + 1}"] = x
         x = jnp.mean(x, axis=(1, 2))
-        if not head or not self.num_classes:
-            return x
         rate = dropout if self.dropout is None else self.dropout
-        x = nn.Dropout(rate)(x, deterministic=not train)
-        return classifier_head(self.num_classes, self.head_zeroinit, self.dtype)(x).astype(
-            jnp.float32)
+        return nn.Dropout(rate)(x, deterministic=not train), out
 
 
 def resolution(variant: str) -> int:

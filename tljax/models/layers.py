@@ -42,11 +42,24 @@ class DepthwiseConv(nn.Module):
         return out
 
 
-def classifier_head(num_classes: int, zero_init: bool = True, dtype: Any = jnp.float32,
-                    kernel_init: Any = None) -> nn.Dense:
-    """The `head` Dense every model ends with: zero-initialised by default, so a
-    fresh head starts from uniform predictions and gives no gradient noise to the
-    pretrained body. Callers cast its output to float32 for the loss."""
-    if kernel_init is None:
-        kernel_init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
-    return nn.Dense(num_classes, dtype=dtype, kernel_init=kernel_init, name="head")
+class LinearHead(nn.Module):
+    """The `head` most tasks attach: y = x W + b over the last axis, float32 out.
+
+    Zero-initialised by default, so a fresh head starts from uniform predictions and sends
+    no gradient noise into the pretrained body. Works on pooled features (B, D) and per
+    token / per pixel features (..., D) alike. Parameters `kernel` (D, C) and `bias` (C,),
+    named like `nn.Dense`'s so checkpoints read `head/kernel`, `head/bias`.
+    """
+
+    num_outputs: int
+    zero_init: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        del train
+        kernel_init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+        kernel = self.param("kernel", kernel_init, (x.shape[-1], self.num_outputs))
+        bias = self.param("bias", nn.initializers.zeros, (self.num_outputs,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return (jnp.dot(x, kernel) + bias).astype(jnp.float32)

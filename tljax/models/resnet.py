@@ -5,7 +5,7 @@ bottleneck. Parameter names mirror torchvision's state dict with '.' -> '/'
 and the block index folded into the layer name:
 
     conv1, bn1, layer{K}_{J}/{conv1,bn1,conv2,bn2[,conv3,bn3][,downsample_conv,
-    downsample_bn]}, head
+    downsample_bn]}
 
 so `layer2.0.downsample.0.weight` becomes `layer2_0/downsample_conv/kernel`.
 Batch-norm statistics live in the `batch_stats` collection.
@@ -18,12 +18,10 @@ batch norm always normalises with the running averages, also when
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
-
-from tljax.models.layers import classifier_head
 
 # depth: (block kind, blocks per stage)
 DEPTHS = {
@@ -83,23 +81,27 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet v1 classifier; `__call__(images, train, head=False)` returns pooled features."""
+    """ResNet v1 backbone: `__call__(images, train)` -> (features, out).
+
+    features: the global average of the last stage; out: 'stage_1'..'stage_4', the
+    output of each stage (strides 4, 8, 16, 32; torchvision's C2..C5).
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("image",)
 
     depth: int = 50
-    num_classes: int | None = 1000
     bn_update: bool = False
-    head_zeroinit: bool = True
     dtype: Any = jnp.float32
 
     def blocks(self) -> list[str]:
         """Regexes of parameter paths from the input to the output, one per block group."""
         _, counts = DEPTHS[self.depth]
         return (["^(conv1|bn1)/"]
-                + [f"^layer{k + 1}_{j}/" for k, n in enumerate(counts) for j in range(n)]
-                + ["^head/"])
+                + [f"^layer{k + 1}_{j}/" for k, n in enumerate(counts) for j in range(n)])
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray, train: bool = False, head: bool = True) -> jnp.ndarray:
+    def __call__(self, images: jnp.ndarray, train: bool = False
+                 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         if self.depth not in DEPTHS:
             raise ValueError(f"ResNet depth={self.depth}: expected one of {sorted(DEPTHS)}.")
         kind, counts = DEPTHS[self.depth]
@@ -107,16 +109,14 @@ class ResNet(nn.Module):
         x = nn.relu(batch_norm(train, self.bn_update, "bn1", self.dtype)(x))
         # torchvision pads the max pool with -inf (padding=1), as Flax's max_pool does.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        out = {}
         for k, (width, n) in enumerate(zip(STAGE_WIDTHS, counts, strict=True)):
             for j in range(n):
                 stride = 2 if (k > 0 and j == 0) else 1
                 x = ResidualBlock(width, stride, kind == "bottleneck", self.bn_update, self.dtype,
                                   name=f"layer{k + 1}_{j}")(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        if not head or not self.num_classes:
-            return x
-        return classifier_head(self.num_classes, self.head_zeroinit, self.dtype)(x).astype(
-            jnp.float32)
+            out[f"stage_{k + 1}"] = x
+        return jnp.mean(x, axis=(1, 2)), out
 
 
 def make(variant: str | None = None, **kwargs: Any) -> ResNet:

@@ -4,7 +4,7 @@
 Parameter names mirror timm's `resnetv2_*_bit` state dict:
 
     stem_conv, stage{S}_block{B}/{norm1,conv1,norm2,conv2,norm3,conv3[,downsample]},
-    norm, head
+    norm
 
 (S, B 0-based like timm's `stages.S.blocks.B`). There is no batch norm, hence
 no `batch_stats`; `bn_update` is accepted for a uniform interface and ignored.
@@ -13,13 +13,11 @@ no `batch_stats`; `bn_update` is accepted for a uniform interface and ignored.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from tljax.models.layers import classifier_head
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
@@ -85,13 +83,17 @@ class PreActBottleneck(nn.Module):
 
 
 class ResNetV2(nn.Module):
-    """BiT ResNet v2 classifier; `__call__(images, train, head=False)` returns pooled features."""
+    """BiT ResNet v2 backbone: `__call__(images, train)` -> (features, out).
+
+    features: the global average after the final norm; out: 'stage_1'..'stage_4', the
+    output of each stage (strides 4, 8, 16, 32; the last one after the final norm + ReLU).
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("image",)
 
     depth: int = 50
     width: int = 1
-    num_classes: int | None = 1000
     bn_update: bool = False  # no batch norm here; kept for a uniform interface
-    head_zeroinit: bool = True
     dtype: Any = jnp.float32
 
     @property
@@ -105,25 +107,25 @@ class ResNetV2(nn.Module):
         return (["^stem_conv/"]
                 + [f"^stage{s}_block{b}/" for s, n in enumerate(self.stage_sizes)
                    for b in range(n)]
-                + ["^norm/", "^head/"])
+                + ["^norm/"])
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray, train: bool = False, head: bool = True) -> jnp.ndarray:
+    def __call__(self, images: jnp.ndarray, train: bool = False
+                 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         x = StdConv(64 * self.width, 7, 2, dtype=self.dtype, name="stem_conv")(images)
         # BiT's 'fixed' stem: zero padding of 1, then a 3x3/2 max pool without padding.
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        out = {}
         for s, n in enumerate(self.stage_sizes):
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
                 x = PreActBottleneck(256 * self.width * 2 ** s, stride, self.dtype,
                                      name=f"stage{s}_block{b}")(x)
+            out[f"stage_{s + 1}"] = x
         x = nn.relu(_group_norm("norm")(x))
-        x = jnp.mean(x, axis=(1, 2))
-        if not head or not self.num_classes:
-            return x
-        return classifier_head(self.num_classes, self.head_zeroinit, self.dtype)(x).astype(
-            jnp.float32)
+        out[f"stage_{len(self.stage_sizes)}"] = x
+        return jnp.mean(x, axis=(1, 2)), out
 
 
 def make(variant: str | None = None, **kwargs: Any) -> ResNetV2:

@@ -11,13 +11,11 @@ Flattening differs: torchvision flattens (C, H, W), this module flattens
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-
-from tljax.models.layers import classifier_head
 
 # depth: convolutions per stage; each stage ends in a 2x2/2 max pool.
 CONFIGS = {
@@ -50,39 +48,41 @@ def adaptive_avg_pool(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
 
 
 class VGG(nn.Module):
-    """VGG classifier; `__call__(images, train, head=False)` returns the fc7 features."""
+    """VGG backbone: `__call__(images, train)` -> (fc7 features, out).
+
+    out: 'stage_1'..'stage_5', each convolution stage after its max pool (strides 2..32).
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("image",)
 
     depth: int = 16
-    num_classes: int | None = 1000
     dropout: float = 0.5
     bn_update: bool = False  # no batch norm here; kept for a uniform interface
-    head_zeroinit: bool = True
     dtype: Any = jnp.float32
 
     def blocks(self) -> list[str]:
         """Regexes of parameter paths from the input to the output, one per block group."""
         stages = CONFIGS[self.depth]
-        return [f"^conv{s + 1}_\\d+/" for s in range(len(stages))] + ["^fc6/", "^fc7/", "^head/"]
+        return [f"^conv{s + 1}_\\d+/" for s in range(len(stages))] + ["^fc6/", "^fc7/"]
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray, train: bool = False, head: bool = True) -> jnp.ndarray:
+    def __call__(self, images: jnp.ndarray, train: bool = False
+                 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         if self.depth not in CONFIGS:
             raise ValueError(f"VGG depth={self.depth}: expected one of {sorted(CONFIGS)}.")
-        x = images
+        x, out = images, {}
         for s, (n, width) in enumerate(zip(CONFIGS[self.depth], STAGE_WIDTHS, strict=True)):
             for i in range(n):
                 x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                                     name=f"conv{s + 1}_{i + 1}")(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            out[f"stage_{s + 1}"] = x
         x = adaptive_avg_pool(x, (7, 7))
         x = jnp.reshape(x, (x.shape[0], -1))
         for name in ("fc6", "fc7"):
             x = nn.relu(nn.Dense(4096, dtype=self.dtype, name=name)(x))
             x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        if not head or not self.num_classes:
-            return x
-        return classifier_head(self.num_classes, self.head_zeroinit, self.dtype)(x).astype(
-            jnp.float32)
+        return x, out
 
 
 def make(variant: str | None = None, **kwargs: Any) -> VGG:

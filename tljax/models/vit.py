@@ -2,20 +2,19 @@
 
 The tree is `embedding`, `cls`, `pos_embedding`, `Transformer/encoderblock_{i}/
 {LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}`,
-`Transformer/encoder_norm`, optional `MAPHead_0`, `pre_logits` and `head`, so a
-big_vision Linen checkpoint loads without renaming.
+`Transformer/encoder_norm`, optional `MAPHead_0` and `pre_logits` (the task's head is
+attached as `head` by `tljax.models.Model`), so a big_vision Linen checkpoint loads
+without renaming.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-
-from tljax.models.layers import classifier_head
 
 VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
     "Ti": (192, 12, 768, 3),
@@ -121,12 +120,16 @@ class MAPHead(nn.Module):
 
 
 class ViT(nn.Module):
-    """ViT classifier. `__call__(images, train, head=False)` returns pre-head features.
+    """ViT backbone: `__call__(images, train)` -> (features, out).
 
+    features: the pooled representation (after `pre_logits` when representation_size);
+    out: 'tokens' (B, N, D) encoder output after the final norm (class token first with
+    pool_type 'tok'), 'pre_logits' (the features).
     pool_type: 'tok' (class token), 'gap' (global average) or 'map' (attention pooling).
     """
 
-    num_classes: int | None = 1000
+    inputs: ClassVar[tuple[str, ...]] = ("image",)
+
     patch_size: Sequence[int] = (16, 16)
     width: int = 768
     depth: int = 12
@@ -137,17 +140,17 @@ class ViT(nn.Module):
     dropout: float = 0.0
     layernorm_eps: float = 1e-6
     gelu_approximate: bool = True
-    head_zeroinit: bool = True
     dtype: Any = jnp.float32
 
     def blocks(self) -> list[str]:
         """Regexes of parameter paths from the input to the output, one per block group."""
         return (["^(embedding|cls|pos_embedding)(/|$)"]
                 + [f"^Transformer/encoderblock_{i}/" for i in range(self.depth)]
-                + ["^(Transformer/encoder_norm|MAPHead_0|pre_logits)/", "^head/"])
+                + ["^(Transformer/encoder_norm|MAPHead_0|pre_logits)/"])
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray, train: bool = False, head: bool = True) -> jnp.ndarray:
+    def __call__(self, images: jnp.ndarray, train: bool = False
+                 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         if self.pool_type not in ("tok", "gap", "map"):
             raise ValueError(f"pool_type={self.pool_type!r}: expected 'tok', 'gap' or 'map'.")
         x = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size),
@@ -162,6 +165,7 @@ class ViT(nn.Module):
         x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
                     self.gelu_approximate, self.dtype, name="Transformer")(x, train)
+        tokens = x
         if self.pool_type == "tok":
             x = x[:, 0]
         elif self.pool_type == "gap":
@@ -171,10 +175,7 @@ class ViT(nn.Module):
                         self.gelu_approximate, self.dtype)(x)
         if self.representation_size:
             x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
-        if not head or not self.num_classes:
-            return x
-        return classifier_head(self.num_classes, self.head_zeroinit, self.dtype)(x).astype(
-            jnp.float32)
+        return x, {"tokens": tokens, "pre_logits": x}
 
 
 def make(variant: str | None = None, **kwargs: Any) -> ViT:

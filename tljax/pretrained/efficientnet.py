@@ -67,7 +67,7 @@ def convert(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], Pretr
         num_classes = int(out["params/head/bias"].shape[0])
     src.check_all_used()
     info = PretrainedInfo(source="efficientnet_lite", model_name="efficientnet_lite",
-                          model_kwargs={"variant": variant, "num_classes": num_classes},
+                          model_kwargs={"variant": variant}, num_classes=num_classes,
                           resolution=effnet_lib.resolution(variant), value_range=VALUE_RANGE)
     return tree.unflatten(out), info
 

@@ -10,14 +10,21 @@ from typing import Any
 class PretrainedInfo:
     """How to rebuild and feed a converted model.
 
-    `model_name` and `model_kwargs` rebuild the module with
-    `tljax.models.build_model(model_name, **model_kwargs)`; the remaining fields
-    describe the input the weights expect.
+    `model_name` and `model_kwargs` rebuild the backbone
+    (`tljax.models.build(model_name, model_kwargs)`); `num_classes` is the size of the
+    checkpoint's `head` (None: it has none), `task` what that head predicts, `head_input`
+    what it reads (None: the pooled features; 'tokens': every token), `class_names` its
+    labels when the checkpoint names them. The remaining fields describe the input the
+    weights expect.
     """
 
     source: str
     model_name: str
     model_kwargs: dict[str, Any]
+    num_classes: int | None = None
+    task: str = "classification"
+    head_input: str | None = None
+    class_names: list[str] | None = None
     resolution: int | None = None
     value_range: tuple[float, float] | None = None  # pixels 0..255 mapped linearly to this range
     mean: tuple[float, ...] | None = None  # per-channel normalisation of 0..1 pixels

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from tljax import tree
+from tljax.errors import InputError
 
 HEAD_PATTERN = r"^head/"
 POSEMB_PATTERN = r"(^|/)pos_embedding$"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """The checkpoint does not fit the model; the message lists every offending name."""
 
 

@@ -27,12 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from tljax.errors import InputError
 
-class OfflineError(ConnectionError):
+
+class OfflineError(InputError, ConnectionError):
     """A download was requested but the host cannot be reached."""
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(InputError):
     """A checkpoint would need arbitrary code execution to load."""
 
 

@@ -43,8 +43,8 @@ def _depth(counts: tuple[int, ...]) -> int:
 
 def _info(source: str, depth: int, width: int, num_classes: int | None) -> PretrainedInfo:
     return PretrainedInfo(source=source, model_name="resnetv2",
-                          model_kwargs={"depth": depth, "width": width,
-                                        "num_classes": num_classes},
+                          model_kwargs={"depth": depth, "width": width},
+                          num_classes=num_classes,
                           value_range=VALUE_RANGE)
 
 

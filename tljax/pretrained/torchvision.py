@@ -41,9 +41,11 @@ from tljax.pretrained.common import (
 from tljax.pretrained.info import PretrainedInfo
 
 
-def _imagenet_info(model_name: str, kwargs: dict[str, Any]) -> PretrainedInfo:
+def _imagenet_info(model_name: str, kwargs: dict[str, Any], num_classes: int | None
+                   ) -> PretrainedInfo:
     return PretrainedInfo(source="torchvision", model_name=model_name, model_kwargs=kwargs,
-                          resolution=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                          num_classes=num_classes, resolution=224, mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD)
 
 
 def resnet_depth(names: list[str]) -> int:
@@ -79,8 +81,7 @@ def convert_resnet(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, Any]
         dense(src, "fc", "head", out)
         num_classes = int(out["params/head/bias"].shape[0])
     src.check_all_used()
-    return tree.unflatten(out), _imagenet_info("resnet", {"depth": depth,
-                                                         "num_classes": num_classes})
+    return tree.unflatten(out), _imagenet_info("resnet", {"depth": depth}, num_classes)
 
 
 def convert_vgg(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], PretrainedInfo]:
@@ -110,7 +111,7 @@ def convert_vgg(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], P
         dense(src, "classifier.6", "head", out)
         num_classes = int(out["params/head/bias"].shape[0])
     src.check_all_used()
-    return tree.unflatten(out), _imagenet_info("vgg", {"depth": depth, "num_classes": num_classes})
+    return tree.unflatten(out), _imagenet_info("vgg", {"depth": depth}, num_classes)
 
 
 def convert(state_dict: Mapping[str, np.ndarray], arch: str | None = None

@@ -61,9 +61,13 @@ def model_kwargs_from_params(flat: Mapping[str, np.ndarray], **overrides: Any) -
         pool_type="tok" if "cls" in flat else ("map" if "MAPHead_0/probe" in flat else "gap"),
         representation_size=(int(flat["pre_logits/kernel"].shape[-1])
                               if "pre_logits/kernel" in flat else None),
-        num_classes=int(flat["head/bias"].shape[0]) if "head/bias" in flat else None,
     )
     return {**kwargs, **overrides}
+
+
+def head_size(flat: Mapping[str, np.ndarray]) -> int | None:
+    """Outputs of the checkpoint's `head` (no 'params/' prefix), None without one."""
+    return int(flat["head/bias"].shape[0]) if "head/bias" in flat else None
 
 
 def _resolution(flat: Mapping[str, np.ndarray]) -> int:
@@ -75,7 +79,8 @@ def _params_info(source: str, flat: dict[str, np.ndarray], **overrides: Any
                  ) -> tuple[dict[str, Any], PretrainedInfo]:
     kwargs = model_kwargs_from_params(flat, **overrides)
     info = PretrainedInfo(source=source, model_name="vit", model_kwargs=kwargs,
-                          resolution=_resolution(flat), value_range=BIG_VISION_RANGE)
+                          num_classes=head_size(flat), resolution=_resolution(flat),
+                          value_range=BIG_VISION_RANGE)
     return {"params": tree.unflatten(flat)}, info
 
 
@@ -372,7 +377,7 @@ def hf_config(params: Mapping[str, Any], model_kwargs: Mapping[str, Any]) -> dic
             for n, v in tree.flatten(dict(params)).items()}
     kw = model_kwargs_from_params(flat, **{k: v for k, v in model_kwargs.items()
                                            if k in ("num_heads",)})
-    num_classes = kw["num_classes"]
+    num_classes = head_size(flat)
     gelu_approximate = model_kwargs.get("gelu_approximate", True)
     config = {
         "model_type": "vit",

@@ -1,0 +1,156 @@
+"""What a task is: the part of a run that knows what is being predicted.
+
+The trainer knows nothing of labels, accuracy or argmax; it asks the task (chosen by
+`config.task.name`, options from the rest of `config.task`):
+
+  head(dtype)                 the module attached to the backbone under the name `head`;
+  head_input                  what the head reads: None (the backbone's features) or a key
+                              of its named outputs ('tokens' for a per-token head);
+  loss(outputs, batch)        the scalar training loss of a batch (masks applied);
+  eval_outputs(outputs, batch)  per eval batch, inside jit: the arrays the metrics need
+                              (sums, or predictions); padding examples are marked by
+                              batch['mask'] and must not count;
+  metrics()                   a host-side accumulator: `update(arrays)` per batch,
+                              `result()` -> {name: float} over the whole eval split;
+  main_metric                 the name of the result that matters (higher is better): the
+                              `expected` comparison, curves.png and best-checkpoint choices;
+  targets                     batch keys the task reads besides the model's inputs;
+  parse_input(text)           a raw input given to tools/predict.py (a file path or a text)
+                              as an example for the eval pp;
+  describe(outputs, batch)    per example, the prediction as a line a person reads.
+
+A task is one module in tljax/tasks/ registered with `@register("name")`; see
+tljax/tasks/classification.py for the model of one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from tljax.data import DatasetInfo
+from tljax.errors import InputError
+
+Batch = dict[str, Any]
+
+
+class Metrics:
+    """Sums of per-batch arrays; `result` divides by the sum named 'count'.
+
+    The accumulator of tasks whose metrics are means over examples (accuracy, loss).
+    """
+
+    def __init__(self, finalize: Callable[[dict[str, float]], dict[str, float]] | None = None):
+        self.totals: dict[str, float] = {}
+        self._finalize = finalize
+
+    def update(self, arrays: dict[str, np.ndarray]) -> None:
+        for k, v in arrays.items():
+            self.totals[k] = self.totals.get(k, 0.0) + float(np.sum(v))
+
+    def result(self) -> dict[str, float]:
+        if self._finalize is not None:
+            return self._finalize(self.totals)
+        count = max(self.totals.get("count", 0.0), 1.0)
+        return {**{k: v / count for k, v in self.totals.items() if k != "count"},
+                "examples": self.totals.get("count", 0.0)}
+
+
+class Task:
+    """Base class of tasks; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    main_metric: ClassVar[str]
+    head_input: str | tuple[str, ...] | None = None
+
+    def __init__(self, info: DatasetInfo):
+        self.info = info
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the head's outputs (classes, tags), written to results.json."""
+        return []
+
+    def head(self, dtype: Any = jnp.float32) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, outputs: jnp.ndarray, batch: Batch) -> jnp.ndarray:
+        raise NotImplementedError
+
+    def eval_outputs(self, outputs: jnp.ndarray, batch: Batch) -> dict[str, jnp.ndarray]:
+        raise NotImplementedError
+
+    def metrics(self) -> Any:
+        return Metrics()
+
+    def parse_input(self, text: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def describe(self, outputs: np.ndarray, batch: Batch, top: int = 3) -> list[str]:
+        raise NotImplementedError
+
+
+def eval_mask(batch: Batch, outputs: jnp.ndarray) -> jnp.ndarray:
+    """float32 (B,) weights of real examples: batch['mask'] in eval, all ones in training."""
+    mask = batch.get("mask")
+    if mask is None:
+        return jnp.ones(outputs.shape[:1], jnp.float32)
+    return mask.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry.
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: makes a Task subclass selectable as `config.task.name = name`."""
+
+    def decorator(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return decorator
+
+
+def task_class(name: str) -> type[Task]:
+    from tljax import tasks  # noqa: F401  (imports the built-in tasks, which register)
+    from tljax.config import closest
+
+    if name not in _TASKS:
+        raise InputError(f"Unknown task {name!r}{closest(name, _TASKS)}; known tasks: "
+                         f"{', '.join(sorted(_TASKS))}.")
+    return _TASKS[name]
+
+
+def task_options(name: str) -> set[str]:
+    """The options `config.task` may set for task `name` (its constructor's arguments)."""
+    parameters = inspect.signature(task_class(name).__init__).parameters
+    return {p for p in parameters if p not in ("self", "info")}
+
+
+def build_task(spec: Any, info: DatasetInfo) -> Task:
+    """The task `spec` names ({'name': ..., **options}; a ConfigDict, a dict or None for
+    classification) for a dataset described by `info`."""
+    options = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec or {})
+    name = options.pop("name", "classification")
+    cls = task_class(name)
+    valid = task_options(name)
+    from tljax.config import closest
+
+    for key in options:
+        if key not in valid:
+            raise InputError(f"Unknown config key 'task.{key}' for task {name!r}"
+                             f"{closest(key, valid)}; valid: {', '.join(sorted(valid))}.")
+    return cls(info, **options)
