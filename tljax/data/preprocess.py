@@ -42,13 +42,17 @@ class _Registered:
 
 
 _OPS: dict[str, _Registered] = {}
+# Features an example keeps through the ops (anything else a source yields is dropped).
+_EXAMPLE_KEYS = ("image", "text", "audio", "sample_rate", "mel", "label", "mask")
 
 
 def register(name: str, *, random: bool = False, batched: bool = False):
     """Registers an op factory: called with the pp arguments, returns the op.
 
     Example ops take (example, rng) and return the new example; batched ops take the list of
-    examples of one batch and return a dict of batched arrays ('inputs' at least).
+    examples of one batch and return a dict of batched arrays ('inputs' at least). An op whose
+    randomness depends on its arguments (`pad_or_crop(random=True)`) sets `op.is_random`,
+    which overrides `random`; the rng of a non-random op is None.
     """
 
     def decorator(factory):
@@ -127,7 +131,7 @@ class Preprocess:
                 op = reg.factory(*args, **kwargs)
             except TypeError as e:
                 raise ValueError(f"Bad arguments for preprocessing op {spec!r}: {e}") from None
-            self.is_random |= reg.random
+            self.is_random |= bool(getattr(op, "is_random", reg.random))
             if reg.batched:
                 self.batch_op = op
             else:
@@ -135,7 +139,7 @@ class Preprocess:
 
     def example(self, example: Example, rng: np.random.Generator) -> Example:
         """Applies the per-example ops, keeping only the features a batch needs."""
-        out = {k: example[k] for k in ("image", "text", "label", "mask") if k in example}
+        out = {k: example[k] for k in _EXAMPLE_KEYS if k in example}
         for op in self.example_ops:
             out = op(out, rng)
         return out
@@ -146,6 +150,13 @@ class Preprocess:
             batch = self.batch_op(examples)
         elif "image" in examples[0]:
             batch = {"inputs": _stack_images([e["image"] for e in examples]).astype(np.float32)}
+        elif "mel" in examples[0]:  # mel frames (frames, n_mels) for sequence models (GE2E)
+            mels = [e["mel"] for e in examples]
+            if len({m.shape for m in mels}) > 1:
+                shapes = sorted({m.shape for m in mels})
+                raise ValueError(f"Cannot batch mel spectrograms of shapes {shapes}: add "
+                                 "pad_or_crop(seconds=...) before the mel op.")
+            batch = {"inputs": np.stack(mels).astype(np.float32)}
         else:
             raise ValueError(
                 f"Text examples need a tokenize(...) op at the end of pp (got {self.pp!r})."

@@ -11,6 +11,10 @@ Dataset names:
   article went, so train and test share no text: 1,784 train / 441 test. Feature ``text`` is
   the whole file (title line, blank line, body);
 * ``folder:/root``: images in ``root/<split>/<class>/*.png|jpg|jpeg``;
+* ``audiofolder:/root``: audio clips in ``root/<split>/<class>/*.wav|flac|ogg``
+  (`tljax.data.audio`);
+* ``spoken_keywords``, ``spoken_speakers``, ``spoken_languages``: synthesized speech folders
+  prepared into ``data_dir/<name>`` by tools/prepare_data.py (`tljax.data.speech`);
 * ``textfile:/a/train.csv,/a/test.jsonl``: ``text`` and ``label`` columns, first file ``train``,
   second ``test``.
 
@@ -35,6 +39,8 @@ from typing import Any
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# Synthesized speech folders that tools/prepare_data.py writes into data_dir (tljax.data.speech).
+SPEECH_DATASETS = ("spoken_keywords", "spoken_speakers", "spoken_languages")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 _SPLIT_RE = re.compile(r"^\s*([\w-]+)\s*(?:\[(.*)\])?\s*$")
 
@@ -465,17 +471,25 @@ class ImageFileSource(Sequence):
         return {"image": decode_image(self._files[i]), "label": self._labels[i]}
 
 
-def _folder_splits(root: Path) -> tuple[list[str], dict[str, ImageFileSource]]:
+def scan_class_folders(
+    root: Path, extensions: tuple[str, ...], what: str = "Image"
+) -> tuple[list[str], dict[str, tuple[list[Path], list[int]]]]:
+    """Class names and, per split, the (files, labels) of ``root/<split>/<class>/*<ext>``.
+
+    Every subfolder of `root` is a split; class names are the sorted union of the class
+    folder names over all splits (label = index), so a class missing from one split keeps its
+    label. Files are sorted by name within each class; hidden folders are skipped.
+    """
     if not root.is_dir():
-        raise FileNotFoundError(f"Image folder {root} does not exist.")
+        raise FileNotFoundError(f"{what} folder {root} does not exist.")
     split_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     class_names = sorted(
         {c.name for s in split_dirs for c in s.iterdir() if c.is_dir() and c.name[0] != "."}
     )
     if not class_names:
         raise ValueError(
-            f"No class folders in {root}: expected {root}/train/<class>/*.png (and test/, "
-            "optionally val/)."
+            f"No class folders in {root}: expected {root}/train/<class>/*{extensions[0]} (and "
+            "test/, optionally val/)."
         )
     splits = {}
     for split_dir in split_dirs:
@@ -483,14 +497,19 @@ def _folder_splits(root: Path) -> tuple[list[str], dict[str, ImageFileSource]]:
         for label, name in enumerate(class_names):
             class_dir = split_dir / name
             found = (
-                sorted(p for p in class_dir.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+                sorted(p for p in class_dir.glob("*") if p.suffix.lower() in extensions)
                 if class_dir.is_dir()
                 else []
             )
             files += found
             labels += [label] * len(found)
-        splits[split_dir.name] = ImageFileSource(files, labels)
+        splits[split_dir.name] = (files, labels)
     return class_names, splits
+
+
+def _folder_splits(root: Path) -> tuple[list[str], dict[str, ImageFileSource]]:
+    class_names, found = scan_class_folders(root, IMAGE_EXTENSIONS)
+    return class_names, {k: ImageFileSource(*v) for k, v in found.items()}
 
 
 def _folder_source(root: str, split: str) -> tuple[Sequence, DatasetInfo]:
@@ -513,6 +532,14 @@ def get_source(
     """A random-access source of decoded examples of `split` (slices allowed), and its info."""
     if dataset.startswith("folder:"):
         return _folder_source(dataset[len("folder:") :], split)
+    if dataset.startswith("audiofolder:"):
+        from tljax.data import audio
+
+        return audio.folder_source(dataset[len("audiofolder:") :], split)
+    if dataset in SPEECH_DATASETS:
+        from tljax.data import audio
+
+        return audio.prepared_source(dataset, split, resolve_data_dir(data_dir))
     if dataset.startswith("textfile:"):
         return _textfile_source(dataset[len("textfile:") :], split)
     if dataset == "bbc_news":
