@@ -23,6 +23,7 @@ _FAMILIES = {
     "vgg": "tljax.models.vgg",
     "efficientnet_lite": "tljax.models.efficientnet",
     "bert": "tljax.models.bert",
+    "ge2e": "tljax.models.ge2e",  # speaker encoder; returns (embedding, out)
 }
 
 
