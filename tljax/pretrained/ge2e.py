@@ -26,6 +26,7 @@ the embedding is the L2-normalised mean of the windows' embeddings.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -190,6 +191,12 @@ def partial_slices(n_samples: int, rate: float = 1.3, min_coverage: float = 0.75
     return wav_slices, mel_slices
 
 
+@functools.lru_cache(maxsize=8)
+def _jit_apply(model: ge2e_lib.GE2E):
+    """model.apply compiled once per number of windows (an eager scan re-traces every call)."""
+    return jax.jit(lambda variables, mel: model.apply(variables, mel))
+
+
 def embed_utterance(model: ge2e_lib.GE2E, variables: Mapping[str, Any], wav: np.ndarray,
                     sample_rate: int = SAMPLE_RATE, rate: float = 1.3,
                     min_coverage: float = 0.75, preprocess: bool = True) -> np.ndarray:
@@ -204,6 +211,6 @@ def embed_utterance(model: ge2e_lib.GE2E, variables: Mapping[str, Any], wav: np.
         wav = np.pad(wav, (0, wav_slices[-1].stop - wav.size))
     mel = mel_frames(wav)
     windows = np.stack([mel[s] for s in mel_slices])
-    partials, _ = model.apply(variables, windows)
+    partials, _ = _jit_apply(model)(variables, windows)
     mean = np.asarray(partials, np.float64).mean(axis=0)
     return (mean / np.linalg.norm(mean)).astype(np.float32)
