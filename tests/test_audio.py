@@ -80,6 +80,8 @@ def test_corrupt_and_empty_files_name_the_file(tmp_path):
             audio.decode_audio(path)
     with pytest.raises(audio.AudioFileError, match="holds no samples"):
         audio.decode_audio(no_samples)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        audio.decode_audio(tmp_path / "missing.wav")
     # Through a source, the failing example names its file too.
     source = audio.AudioFileSource([garbage], [0])
     with pytest.raises(audio.AudioFileError, match="garbage.flac"):

@@ -81,6 +81,8 @@ def decode_audio(data: bytes | str | Path, name: str | None = None) -> tuple[np.
     import soundfile
 
     label = name or (str(data) if not isinstance(data, bytes) else "<audio bytes>")
+    if not isinstance(data, bytes) and not Path(data).is_file():
+        raise FileNotFoundError(f"Audio file {data} does not exist.")
     try:
         samples, rate = soundfile.read(
             io.BytesIO(data) if isinstance(data, bytes) else str(data),
