@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+ESPEAK := /usr/bin/espeak-ng
+POCKETSPHINX_DATA := /usr/share/pocketsphinx/test/data
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORKDIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
@@ -14,14 +16,27 @@ setup: $(STAMP) data
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
-$(STAMP): pyproject.toml | $(FASHION_MNIST)
+# espeak-ng synthesizes the spoken_* datasets; pocketsphinx-testdata has the real recordings
+# (LibriVox) that the audio tests compare against librosa and resemblyzer.
+$(ESPEAK):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng
+
+$(POCKETSPHINX_DATA):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq pocketsphinx-testdata
+
+# resemblyzer (the GE2E parity reference and weights) goes in with --no-deps: its declared
+# deps would pull the obsolete `typing` backport and compile webrtcvad; the [test] extra has
+# webrtcvad-wheels and librosa instead.
+$(STAMP): pyproject.toml | $(FASHION_MNIST) $(ESPEAK) $(POCKETSPHINX_DATA)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps resemblyzer==0.1.4
 	touch $(STAMP)
 
 data: $(STAMP)
-	$(PY) tools/prepare_data.py fashion_mnist bbc_news
+	$(PY) tools/prepare_data.py fashion_mnist bbc_news spoken_keywords spoken_speakers \
+		spoken_languages
 
 # The main job: real transfer learning on the offline default (see README).
 run: setup

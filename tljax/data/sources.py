@@ -5,7 +5,9 @@ for a registered prefix (``folder:/root``, ``textfile:/a.csv,/b.csv``, ``conll:/
 or, failing both, a TFDS catalog name (``fashion_mnist``, ``cifar10``, ``name/config``,
 ``name:1.2.0``) read from ``data_dir`` in array_record format through ``tfds`` data sources
 (no TensorFlow). Sources register with ``register_source`` in the module that reads them
-(tljax/data/text.py, tljax/data/folders.py); each returns ``(source, info)`` for a split.
+(tljax/data/text.py, tljax/data/folders.py, tljax/data/audio.py: ``audiofolder:/root`` and
+the synthesized speech sets ``spoken_keywords``, ``spoken_speakers``, ``spoken_languages``);
+each returns ``(source, info)`` for a split.
 
 `DatasetInfo.features` describes each feature of an example by kind ('image', 'text',
 'tokens' (a list of words), 'class_label', 'sequence_label' (one tag per word), ...) and, for
@@ -363,7 +365,7 @@ SourceFn = Callable[[str, str, str | None], tuple[Sequence, DatasetInfo]]
 _NAMED: dict[str, SourceFn] = {}
 _PREFIXED: dict[str, SourceFn] = {}
 # Modules whose sources register on import.
-_SOURCE_MODULES = ("tljax.data.text", "tljax.data.folders")
+_SOURCE_MODULES = ("tljax.data.text", "tljax.data.folders", "tljax.data.audio")
 
 
 def register_source(name: str, *, prefix: bool = False) -> Callable[[SourceFn], SourceFn]:

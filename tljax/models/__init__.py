@@ -38,6 +38,7 @@ FAMILIES = {
     "vgg": "tljax.models.vgg",
     "efficientnet_lite": "tljax.models.efficientnet",
     "bert": "tljax.models.bert",
+    "ge2e": "tljax.models.ge2e",  # speaker encoder; returns (embedding, out)
 }
 
 

@@ -14,6 +14,8 @@ Spec forms (`load_pretrained(spec)`):
                                          (also efficientnet_lite1/2 when installed)
     efficientnet_lite:/path/file.pth     an efficientnet-lite-pytorch state dict
     minilm                               all-MiniLM-L6-v2 (BERT) from its installed package
+    ge2e                                 resemblyzer's GE2E speaker encoder (installed package);
+                                         apply -> speaker embedding, see tljax.pretrained.ge2e
     tljax:/workdir/or/checkpoint         a tljax checkpoint (from tools/convert_checkpoint.py
                                          or a training workdir)
 """
@@ -154,7 +156,7 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
         return "efficientnet_lite", None, efficientnet.weights_file(spec.split("_")[-1])
     source, sep, rest = spec.partition(":")
     if not sep or source not in SOURCES:
-        raise ValueError(f"Cannot parse pretrained spec {spec!r}: expected 'minilm', "
+        raise ValueError(f"Cannot parse pretrained spec {spec!r}: expected 'minilm', 'ge2e', "
                          f"'efficientnet_lite0' or SOURCE:PATH with SOURCE in {SOURCES}.")
     arch = None
     if source in ("timm", "torchvision"):
@@ -195,6 +197,10 @@ def load_pretrained(spec: str, num_classes: int | None = None
     start). The variables are strictly checked against the model (see `merge_pretrained`).
     A training workdir trained with LoRA comes back with the adapters merged.
     """
+    if spec == "ge2e":
+        from tljax.pretrained import ge2e
+
+        return ge2e.load_ge2e(num_classes=num_classes)
     if spec == "minilm" or spec.startswith("hf:") and _is_bert(spec[3:]):
         from tljax.pretrained import bert
 

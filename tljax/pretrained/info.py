@@ -31,3 +31,7 @@ class PretrainedInfo:
     std: tuple[float, ...] | None = None
     tokenizer_path: str | None = None
     max_length: int | None = None
+    sample_rate: int | None = None  # audio models: the waveform rate (Hz) the front end expects
+    # Audio models: the front end that turns waveforms into the model's input (mel settings and
+    # a pp string producing it; see e.g. tljax.pretrained.ge2e.FRONTEND).
+    audio_frontend: dict[str, Any] | None = None

@@ -103,8 +103,10 @@ def _flatten_state_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
 def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A PyTorch `.pth`/`.bin`/`.pt` state dict via `torch.load(weights_only=True)`.
 
-    A checkpoint that wraps the state dict (`{'state_dict': ...}`, `{'model': ...}`)
-    is unwrapped. Anything needing arbitrary unpickling raises UnsafeCheckpointError.
+    A checkpoint that wraps the state dict (`{'state_dict': ...}`, `{'model': ...}`,
+    `{'model_state': ...}`) is unwrapped. Both of torch's formats are read: the zip archive
+    and the legacy (pre-1.6) pickle stream, which `weights_only=True` restricts alike.
+    Anything needing arbitrary unpickling raises UnsafeCheckpointError.
     """
     torch = _import_torch(path)
     try:
@@ -115,7 +117,7 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"(only tensors and plain containers are allowed). If you trust the file, "
             f"re-save its state_dict() as .safetensors. Details: {str(e)[:300]}") from e
     if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
+        for key in ("state_dict", "model", "model_state_dict", "model_state"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
