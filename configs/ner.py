@@ -32,7 +32,7 @@ computes it, the majority-tag baseline - every word 'O' - scores 0):
 
 import ml_collections
 
-from tljax.config import nullable, parse_arg
+from tljax.config import add_durations, nullable, parse_arg
 
 ARGUMENTS = dict(dataset="wnut16", model="minilm", freeze="full", max_len=0, runlocal=False)
 
@@ -88,9 +88,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.cache_features = False
     config.compute_dtype = "float32"
 
-    for prefix in ("total", "warmup", "log_every", "eval_every", "checkpoint_every"):
-        for unit in ("steps", "epochs", "examples"):
-            config[f"{prefix}_{unit}"] = nullable(float if unit == "epochs" else int)
     config.total_epochs = 8.0
     config.warmup_epochs = 0.8
     config.log_every_steps = 20
@@ -108,4 +105,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.total_steps = 120
         config.warmup_steps = 12
         config.log_every_steps = 20
-    return config
+    return add_durations(config)

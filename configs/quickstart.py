@@ -17,7 +17,7 @@ Arguments:
 
 import ml_collections
 
-from tljax.config import nullable, parse_arg
+from tljax.config import add_durations, nullable, parse_arg
 
 # (x - 127) / 128 on 0..255 pixels, as the weights were trained.
 VALUE_RANGE = "value_range(-0.9921875,1.0)"
@@ -63,12 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_epochs = 3.0
     config.warmup_epochs = 0.5
     config.log_every_steps = 20
-    config.eval_every_steps = nullable(int)
     config.checkpoint_every_steps = 100
-    for prefix in ("total", "warmup", "log_every", "eval_every", "checkpoint_every"):
-        for unit in ("steps", "epochs", "examples"):
-            if f"{prefix}_{unit}" not in config:
-                config[f"{prefix}_{unit}"] = nullable(float if unit == "epochs" else int)
     config.keep_checkpoints = 1
     config.mesh = [("data", -1)]
     config.sharding_rules = [(".*", "replicate")]
@@ -77,4 +72,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.input.split = "train[:256]"
         config.eval.split = "test[:1000]"
         config.total_epochs = 4.0
-    return config
+    return add_durations(config)

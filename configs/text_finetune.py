@@ -52,7 +52,7 @@ forward pass (the trainer stops gradients at frozen parameters): a linear-probe 
 
 import ml_collections
 
-from tljax.config import nullable, parse_arg
+from tljax.config import add_durations, nullable, parse_arg
 
 # Per-dataset recipe: eval split, max_len and duration (full fine-tune / linear probe).
 RECIPES = {
@@ -140,9 +140,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.compute_dtype = "float32"
 
     # Durations: exactly one unit per line; the others stay None.
-    for prefix in ("total", "warmup", "log_every", "eval_every", "checkpoint_every"):
-        for unit in ("steps", "epochs", "examples"):
-            config[f"{prefix}_{unit}"] = nullable(float if unit == "epochs" else int)
     if "steps" in recipe:
         config.total_steps = recipe["probe_steps" if probe else "steps"]
         config.warmup_steps = max(config.total_steps // 10, 1)
@@ -162,4 +159,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.total_epochs = None
         config.warmup_epochs = None
         config.log_every_steps = 5
-    return config
+    return add_durations(config)

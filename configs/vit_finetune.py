@@ -24,7 +24,7 @@ Arguments (comma-separated after the file name):
 
 import ml_collections
 
-from tljax.config import nullable, parse_arg
+from tljax.config import add_durations, nullable, parse_arg
 
 # name: steps, lr, held-out share of train for `val`, test split, expected top-1 of
 # ViT-B/16 (ImageNet-21k, 384 px; paper Table 5) with its tolerance.
@@ -102,9 +102,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.eval_every_steps = 1000
     config.checkpoint_every_steps = 1000
-    for prefix in ("total", "warmup", "log_every", "eval_every", "checkpoint_every"):
-        config[f"{prefix}_epochs"] = nullable(float)
-        config[f"{prefix}_examples"] = nullable(int)
     config.keep_checkpoints = 2
 
     config.mesh = [("data", -1)]
@@ -132,4 +129,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.log_every_steps = 50
         config.eval_every_steps = 300
         config.checkpoint_every_steps = 200
-    return config
+    return add_durations(config)

@@ -165,3 +165,17 @@ def steps(config: ml_collections.ConfigDict, prefix: str, *, batch_size: int,
 def nullable(kind: type) -> ml_collections.FieldReference:
     """A None default that `--config.key=value` can still override."""
     return ml_collections.config_dict.placeholder(kind)
+
+
+def add_durations(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Makes every duration field the config leaves unset (`total_steps`, `warmup_epochs`, ...)
+    a None placeholder, so that any of them can be set from the command line.
+
+    Call it last in `get_config`: fields with a value keep it.
+    """
+    for prefix in DURATIONS:
+        for unit in UNITS:
+            key = f"{prefix}_{unit}"
+            if config.get(key) is None:
+                config[key] = nullable(float if unit == "epochs" else int)
+    return config
