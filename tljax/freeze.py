@@ -49,11 +49,11 @@ import ml_collections
 
 from tljax import tree
 from tljax.config import ConfigError
+from tljax.models.model import HEAD
 
 FROZEN = "frozen"
 Rule = tuple[str, dict | None]
 RULE_KEYS = {"decay_type", "linear_end", "lr_mult", "wd_mult"}
-HEAD = "^head/"
 # BitFit trains every bias, every normalisation layer (LayerNorm, BatchNorm, GroupNorm
 # and the models' *_norm/*_bn names) and the head.
 BIAS = r"(^|/)bias$"

@@ -20,8 +20,8 @@ import numpy as np
 
 from tljax import tree
 from tljax.errors import InputError
+from tljax.models.model import HEAD
 
-HEAD_PATTERN = r"^head/"
 POSEMB_PATTERN = r"(^|/)pos_embedding$"
 
 
@@ -94,7 +94,7 @@ def merge_pretrained(init_variables: Mapping[str, Any], loaded_variables: Mappin
     """
     init, loaded = tree.flatten(dict(init_variables)), tree.flatten(dict(loaded_variables))
     dont_load = list(dont_load)
-    is_head = lambda n: re.search(HEAD_PATTERN, _strip_collection(n)) is not None
+    is_head = lambda n: re.search(HEAD, _strip_collection(n)) is not None
     merged, problems = {}, []
     for name, value in init.items():
         if _matches(name, dont_load):
