@@ -317,6 +317,8 @@ def test_sampled_generation_is_reproducible_and_stops_at_eos():
 
 def test_generate_rejects_bad_arguments():
     model, variables = _tiny("gpt2")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        gen.generate(model, variables, np.ones((1, 30)), max_new_tokens=3)  # 33 > 32
     with pytest.raises(ValueError, match="top_p"):
         gen.generate(model, variables, np.ones((1, 3)), top_p=0.0)
     with pytest.raises(ValueError, match="real token"):
@@ -353,7 +355,9 @@ def test_export_round_trip_through_transformers(case, tmp_path):
 def test_load_pretrained_hf_directory(case, tmp_path):
     family, hf = _hf_case(case)
     hf = _randomize(hf)
-    hf.save_pretrained(str(tmp_path))
+    sharded = case.startswith("llama")  # model-0000i-of-0000n.safetensors + index.json
+    hf.save_pretrained(str(tmp_path), max_shard_size="20KB" if sharded else "5GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == sharded
     (tmp_path / "tokenizer.json").write_text("{}")
     model, variables, info = tljax.load_pretrained(f"hf:{tmp_path}")
     assert info.model_name == family and info.tokenizer_path == str(tmp_path / "tokenizer.json")

@@ -5,6 +5,10 @@ train=False, head=True)`: with `head=False` it returns the pre-head features.
 Each module declares `blocks()`: regexes over parameter paths, one per block
 group, ordered from the input to the head; freeze presets and layer-wise
 learning-rate decay are written in terms of these groups.
+
+The language models ('gpt2', 'llama', 't5') follow the backbone contract instead:
+`model.apply(variables, inputs, train=False) -> (features, out)`, with next-token logits
+from `tljax.models.lm.lm_logits` (see tljax/models/lm.py).
 """
 
 from __future__ import annotations

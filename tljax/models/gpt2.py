@@ -87,9 +87,12 @@ class GPT2(nn.Module):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
                              f"{self.num_heads}.")
         ids = jnp.asarray(inputs["input_ids"], jnp.int32)
+        if ids.shape[1] > self.max_position_embeddings:  # also bounds a KV cache's length
+            raise ValueError(f"Sequence length {ids.shape[1]} exceeds max_position_embeddings="
+                             f"{self.max_position_embeddings}; truncate the inputs.")
         mask = inputs.get("attention_mask")
         mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
-        allowed, positions, _, index = lm.attention_mask(self, mask, True, self.decode)
+        allowed, positions, _, index = lm.mask_and_positions(self, mask, True, self.decode)
 
         embed = functools.partial(nn.Embed, features=self.hidden_size, dtype=self.dtype,
                                   param_dtype=self.param_dtype,

@@ -94,7 +94,7 @@ class Llama(nn.Module):
         ids = jnp.asarray(inputs["input_ids"], jnp.int32)
         mask = inputs.get("attention_mask")
         mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
-        allowed, positions, _, index = lm.attention_mask(self, mask, True, self.decode)
+        allowed, positions, _, index = lm.mask_and_positions(self, mask, True, self.decode)
 
         tokens = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
                           param_dtype=self.param_dtype,

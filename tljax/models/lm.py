@@ -71,7 +71,7 @@ def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def attention_mask(module: nn.Module, mask: jnp.ndarray, causal: bool, decode: bool
+def mask_and_positions(module: nn.Module, mask: jnp.ndarray, causal: bool, decode: bool
                    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
     """(allowed (B, 1, L, S) bool, positions (B, L), query slots (L,), cache index or None).
 

@@ -167,7 +167,8 @@ class Stack(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, encoded: jnp.ndarray | None = None,
                  encoder_mask: jnp.ndarray | None = None, train: bool = False) -> jnp.ndarray:
-        allowed, _, query_slots, index = lm.attention_mask(self, mask, self.causal, self.decode)
+        allowed, _, query_slots, index = lm.mask_and_positions(self, mask, self.causal,
+                                                               self.decode)
         key_slots = jnp.arange(allowed.shape[-1])
         buckets = relative_position_bucket(key_slots[None, :] - query_slots[:, None],
                                            not self.causal, self.num_buckets, self.max_distance)
