@@ -72,7 +72,7 @@ def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def mask_and_positions(module: nn.Module, mask: jnp.ndarray, causal: bool, decode: bool
-                   ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
+                       ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
     """(allowed (B, 1, L, S) bool, positions (B, L), query slots (L,), cache index or None).
 
     Without a cache S = L. With `decode` (and a cache already made), the chunk's mask is
