@@ -184,7 +184,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints.close()
     writer.close()
     if is_chief:
-        write_results(workdir, config, final, info, task, total_steps)
+        parameters = {"total": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+                      "trainable": phase.num_trainable}
+        write_results(workdir, config, final, info, task, total_steps, parameters)
         outputs.plot_curves(workdir, task.main_metric)
     return final
 
@@ -360,9 +362,11 @@ def report_start(config: ml_collections.ConfigDict, params: Any, labels: Any, me
 
 
 def write_results(workdir: str, config: ml_collections.ConfigDict, final: dict[str, float],
-                  info: data.DatasetInfo, task: tasks.Task, total_steps: int) -> None:
+                  info: data.DatasetInfo, task: tasks.Task, total_steps: int,
+                  parameters: dict[str, int]) -> None:
     results: dict[str, Any] = {
         "final_eval": final, "main_metric": task.main_metric, "steps": total_steps,
+        "parameters": parameters,  # trainable: in the last freeze phase
         "dataset": info.name, "eval_split": config.eval.split, "task": task.name,
         "class_names": task.output_names, "features": info.features_json(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
