@@ -56,3 +56,18 @@ def test_corrupt_op_in_a_pipeline(fashion_mnist_dir):
         data.Preprocess("corrupt('gausian_noise', 3)")
     with pytest.raises(ValueError, match="severity must be 1..5"):
         data.Preprocess("corrupt('fog', 6)")
+
+
+def test_randaugment_is_seeded_and_keeps_shapes(photo):
+    for image in photo:
+        pp = data.Preprocess("randaugment(2, 9)")
+        outs = [pp.example({"image": image}, np.random.default_rng(s))["image"] for s in (0, 0, 1)]
+        assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
+        assert np.array_equal(outs[0], outs[1])
+        changed = [not np.array_equal(pp.example({"image": image}, np.random.default_rng(s))[
+            "image"], image) for s in range(10)]
+        assert sum(changed) >= 8  # identity is 1 of 14 ops, drawn twice
+    assert data.Preprocess("randaugment(2, 9)").is_random
+    with pytest.raises(ValueError, match="uint8"):
+        data.Preprocess("randaugment()").example({"image": np.zeros((4, 4, 3), np.float32)},
+                                                  np.random.default_rng(0))

@@ -497,3 +497,68 @@ def multihot(depth: int, key: str = "labels", key_result: str | None = None) -> 
         return {**example, key_result or key: vector}
 
     return op
+
+
+# ---------------------------------------------------------------------------------------------
+# RandAugment.
+
+
+def _pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _array(image: Image.Image, channels: int) -> np.ndarray:
+    array = np.asarray(image)
+    return array[..., None] if channels == 1 else array
+
+
+def _randaugment_ops(magnitude: float) -> dict[str, Callable[[Image.Image, float], Image.Image]]:
+    """The 14 RandAugment transformations at `magnitude` (0..10 scale); `sign` is +-1."""
+    from PIL import ImageEnhance, ImageOps
+
+    m = magnitude / 10
+
+    def fill(image: Image.Image) -> int | tuple[int, ...]:
+        return 128 if image.mode == "L" else (128, 128, 128)  # mid gray where pixels move in
+
+    def affine(image: Image.Image, matrix: tuple) -> Image.Image:
+        return image.transform(image.size, Image.AFFINE, matrix, Image.BILINEAR,
+                               fillcolor=fill(image))
+
+    return {
+        "identity": lambda im, s: im,
+        "autocontrast": lambda im, s: ImageOps.autocontrast(im),
+        "equalize": lambda im, s: ImageOps.equalize(im),
+        "rotate": lambda im, s: im.rotate(30 * m * s, Image.BILINEAR, fillcolor=fill(im)),
+        "solarize": lambda im, s: ImageOps.solarize(im, int(256 - 256 * m)),
+        "color": lambda im, s: ImageEnhance.Color(im).enhance(1 + 0.9 * m * s),
+        "posterize": lambda im, s: ImageOps.posterize(im, max(1, int(8 - 4 * m))),
+        "contrast": lambda im, s: ImageEnhance.Contrast(im).enhance(1 + 0.9 * m * s),
+        "brightness": lambda im, s: ImageEnhance.Brightness(im).enhance(1 + 0.9 * m * s),
+        "sharpness": lambda im, s: ImageEnhance.Sharpness(im).enhance(1 + 0.9 * m * s),
+        "shear_x": lambda im, s: affine(im, (1, 0.3 * m * s, 0, 0, 1, 0)),
+        "shear_y": lambda im, s: affine(im, (1, 0, 0, 0.3 * m * s, 1, 0)),
+        "translate_x": lambda im, s: affine(im, (1, 0, 0.45 * m * s * im.size[0], 0, 1, 0)),
+        "translate_y": lambda im, s: affine(im, (1, 0, 0, 0, 1, 0.45 * m * s * im.size[1])),
+    }
+
+
+@register("randaugment", random=True)
+def randaugment(num_ops: int = 2, magnitude: float = 9) -> ExampleOp:
+    """RandAugment (Cubuk et al. 2020): `num_ops` transformations drawn uniformly from 14
+    (rotate, shear, translate, colour, contrast, solarize, ...) at `magnitude` 0..10, each in
+    a random direction, on uint8 images (put it before value_range)."""
+    ops = _randaugment_ops(magnitude)
+    names = sorted(ops)
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        image = example["image"]
+        if image.dtype != np.uint8:
+            raise ValueError("randaugment works on uint8 images: put it before value_range / "
+                             "normalize in pp.")
+        pil = _pil(image)
+        for index in rng.integers(0, len(names), num_ops):
+            pil = ops[names[index]](pil, 1.0 if rng.random() < 0.5 else -1.0)
+        return {**example, "image": _array(pil, image.shape[-1])}
+
+    return op
