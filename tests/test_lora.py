@@ -73,5 +73,35 @@ def test_only_selected_targets_and_gradients_reach_adapters():
 
 def test_non_dense_target_is_an_error():
     base, x = _case("vit")
-    with pytest.raises(ValueError, match="Dense"):
-        lora.LoRA(base, targets=[r"^embedding/kernel$"]).init({"params": jax.random.PRNGKey(0)}, x)
+    with pytest.raises(ValueError, match="Dense, DenseGeneral, Conv or DepthwiseConv kernels"):
+        lora.LoRA(base, targets=[r"encoder_norm/scale$"]).init({"params": jax.random.PRNGKey(0)},
+                                                               x)
+
+
+@pytest.mark.parametrize("family,kwargs", [
+    ("efficientnet_lite", dict(variant="lite0", dropout=0.0, drop_connect_rate=0.0)),
+    ("resnet", dict(depth=18)),
+])
+def test_convolution_adapters(family, kwargs):
+    """1x1, k x k (strided) and depthwise convolutions: B = 0 equals the base model, a merged
+    adapter equals the adapted model (so the factorised conv(x, A) B is the rank-r kernel)."""
+    base = classifier(family, 3, head_zeroinit=False, **kwargs)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    model = lora.LoRA(base, rank=2, alpha=4.0)
+    variables = model.init({"params": jax.random.PRNGKey(0)}, x)
+    flat = tree.flatten(variables["params"]["lora"])
+    plain = {**variables, "params": {k: v for k, v in variables["params"].items() if k != "lora"}}
+    np.testing.assert_array_equal(model.apply(variables, x), base.apply(plain, x))
+    if family == "efficientnet_lite":
+        assert flat["block1/expand_conv/lora_a"].shape == (16, 2)  # 1x1: d_in = Cin
+        assert flat["block1/depthwise_conv/lora_a"].shape == (9, 2)  # 3x3x1
+        assert flat["block1/depthwise_conv/lora_b"].shape == (2, 96)
+    else:
+        assert flat["layer2_0/conv1/lora_a"].shape == (3 * 3 * 64, 2)  # strided 3x3
+    trained = _perturb_b(variables)
+    adapted = model.apply(trained, x)
+    assert np.abs(adapted - base.apply(plain, x)).max() > 1e-4
+    np.testing.assert_allclose(base.apply(model.merge(trained), x), adapted, rtol=2e-4,
+                               atol=2e-4)
+    grads = tree.flatten(jax.grad(lambda v: model.apply(v, x).sum())(trained)["params"]["lora"])
+    assert all(np.any(g) for g in grads.values())

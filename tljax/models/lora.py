@@ -1,12 +1,20 @@
-"""LoRA (Hu et al. 2022): low-rank adapters on the Dense kernels of any Flax Linen model.
+"""LoRA (Hu et al. 2022): low-rank adapters on the Dense and convolution kernels of any
+Flax Linen model.
 
 For a target kernel W, flattened to (d_in, d_out), the adapted layer computes
 
     y = x W + b + (alpha / r) (x A) B,    A: (d_in, r),  B: (r, d_out),
 
 with A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) and B = 0, so at initialisation the model is
-exactly the base model. The base model is not modified: `LoRA.apply` intercepts the
-`__call__` of every targeted `nn.Dense` / `nn.DenseGeneral` (`nn.intercept_methods`)
+exactly the base model. Convolutions are linear in their kernel, so the same update
+W' = W + (alpha / r) reshape(A B) is a convolution added to the layer's output:
+  * `nn.Conv` (kh x kw, Cin -> Cout): d_in = kh kw Cin, d_out = Cout, computed factorised
+    as conv(x, A as a kh x kw x Cin x r kernel) B - r channels instead of Cout;
+  * depthwise (`tljax.models.layers.DepthwiseConv`, kernel k x k x 1 x C) and grouped
+    convolutions: d_in = k k (per group), d_out = C; the rank-r kernel A B is formed and
+    convolved (it is no larger than the layer's own).
+The base model is not modified: `LoRA.apply` intercepts the `__call__` of every targeted
+`nn.Dense` / `nn.DenseGeneral` / `nn.Conv` / `DepthwiseConv` (`nn.intercept_methods`)
 and adds the low-rank term. Adapters live in their own subtree of `params`,
 
     params['lora'][<module path>]['lora_a' | 'lora_b']
@@ -31,12 +39,16 @@ import numpy as np
 from tljax import tree
 
 # Attention q/k/v/out and the MLP of ViT (big_vision names), BERT (HF names) and the
-# language models (GPT-2, Llama, T5: attn or cross_attn q/k/v/o, mlp gate/up/down).
+# language models (GPT-2, Llama, T5: attn or cross_attn q/k/v/o, mlp gate/up/down); the
+# convolutions inside the blocks of the CNNs (EfficientNet's expand, depthwise and project
+# convolutions; ResNet's and BiT's conv1..3).
 DEFAULT_TARGETS = (
     r"/(MultiHeadDotProductAttention_\d+|attention)/(query|key|value|out|output/dense)/kernel$",
     r"/(MlpBlock_\d+/Dense_\d+|intermediate/dense|layer_\d+/output/dense)/kernel$",
     r"(^|/)(cross_)?attn/(q|k|v|o)/kernel$",
     r"(^|/)mlp/(gate|up|down)/kernel$",
+    r"^block\d+/(expand|depthwise|project)_conv/kernel$",
+    r"^(layer\d+_\d+|stage\d+_block\d+)/conv\d/kernel$",
 )
 COLLECTION = "lora"
 
@@ -51,6 +63,30 @@ def _input_axes(module: nn.Module, ndim: int) -> int:
                              f"{'/'.join(module.path)} has axis={module.axis}.")
         return len(axes)
     return 1
+
+
+def _conv_like(module: nn.Module) -> bool:
+    from tljax.models.layers import DepthwiseConv
+
+    return isinstance(module, (nn.Conv, DepthwiseConv))
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Dense, nn.DenseGeneral)) or _conv_like(module)
+
+
+def conv_delta(module: nn.Module, x: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray,
+               kernel_shape: tuple, scale: float) -> jnp.ndarray:
+    """The output of convolution `module` with kernel scale * reshape(A B) (see the module
+    docstring), through the module's own padding and striding (an unbound clone)."""
+    rank = a.shape[-1]
+    if isinstance(module, nn.Conv) and module.feature_group_count == 1:
+        low = module.clone(parent=None, features=rank, use_bias=False)
+        y = low.apply({"params": {"kernel": a.reshape(*kernel_shape[:-1], rank)}}, x)
+        return (y @ b.astype(y.dtype)) * jnp.asarray(scale, y.dtype)
+    delta = (scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))).reshape(kernel_shape)
+    updates = {"use_bias": False} if isinstance(module, nn.Conv) else {}
+    return module.clone(parent=None, **updates).apply({"params": {"kernel": delta}}, x)
 
 
 def lora_delta(x: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray, n_in: int, out_shape: tuple,
@@ -84,15 +120,19 @@ class LoRA:
     def blocks(self) -> list[str]:
         return self.base.blocks()
 
-    def _dense_modules(self, variables: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
-        """{module path: number of contracted input axes} of every Dense the model calls."""
+    def _adaptable_modules(self, variables: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+        """{module path: number of kernel axes flattened into d_in} of every Dense and
+        convolution the model calls (all but the output axis for a convolution)."""
         found: dict[str, int] = {}
 
         def record(next_fun, call_args, call_kwargs, context):
             module = context.module
-            if context.method_name == "__call__" and isinstance(module,
-                                                                (nn.Dense, nn.DenseGeneral)):
-                found["/".join(module.path)] = _input_axes(module, np.ndim(call_args[0]))
+            if context.method_name == "__call__" and _adaptable(module):
+                path = "/".join(module.path)
+                if _conv_like(module):
+                    found[path] = -1  # resolved against the kernel's rank below
+                else:
+                    found[path] = _input_axes(module, np.ndim(call_args[0]))
             return next_fun(*call_args, **call_kwargs)
 
         with nn.intercept_methods(record):
@@ -103,24 +143,24 @@ class LoRA:
         """`variables` of the base model plus fresh adapters (B = 0) under params['lora'].
 
         `args`/`kwargs` are a sample call (e.g. a batch of inputs): they show which kernels
-        belong to Dense layers.
+        belong to Dense and convolution layers.
         """
         targets = list(self.targets or DEFAULT_TARGETS)
         params = variables["params"]
-        dense = self._dense_modules(variables, *args, **kwargs)
+        adaptable = self._adaptable_modules(variables, *args, **kwargs)
         kernels = {n: x for n, x in tree.flatten(params).items()
                    if tree.first_match(n, targets) is not None}
         if not kernels:
             raise ValueError(f"LoRA targets {targets} match no parameter.")
-        not_dense = [n for n in kernels if not n.endswith("/kernel")
-                     or n[:-len("/kernel")] not in dense]
-        if not_dense:
-            raise ValueError(f"LoRA targets must select Dense/DenseGeneral kernels; these are "
-                             f"not: {', '.join(not_dense[:5])}.")
+        other = [n for n in kernels if not n.endswith("/kernel")
+                 or n[:-len("/kernel")] not in adaptable]
+        if other:
+            raise ValueError(f"LoRA targets must select Dense, DenseGeneral, Conv or "
+                             f"DepthwiseConv kernels; these are not: {', '.join(other[:5])}.")
         adapters = {}
         for i, (name, kernel) in enumerate(sorted(kernels.items())):
             path = name[:-len("/kernel")]
-            n_in = dense[path]
+            n_in = adaptable[path] if adaptable[path] >= 0 else kernel.ndim - 1
             d_in = int(np.prod(kernel.shape[:n_in]))
             d_out = int(np.prod(kernel.shape[n_in:]))
             bound = 1.0 / np.sqrt(d_in)
@@ -147,13 +187,16 @@ class LoRA:
         def add_low_rank(next_fun, call_args, call_kwargs, context):
             y = next_fun(*call_args, **call_kwargs)
             module = context.module
-            if context.method_name != "__call__" or not isinstance(
-                    module, (nn.Dense, nn.DenseGeneral)):
+            if context.method_name != "__call__" or not _adaptable(module):
                 return y
             pair = by_module.get("/".join(module.path))
             if pair is None:
                 return y
             x = call_args[0]
+            if _conv_like(module):
+                shape = module.variables["params"]["kernel"].shape
+                delta = conv_delta(module, x, pair["lora_a"], pair["lora_b"], shape, self.scale)
+                return y + delta.astype(y.dtype)
             n_in = _input_axes(module, x.ndim)
             out_shape = y.shape[x.ndim - n_in:]
             delta = lora_delta(x, pair["lora_a"], pair["lora_b"], n_in, out_shape, self.scale)
