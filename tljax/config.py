@@ -45,7 +45,8 @@ TOP_LEVEL = {
     "sharding_rules": "list of (regex, 'replicate' | 'fsdp') deciding parameter sharding",
     "keep_checkpoints": "number of checkpoints kept in WORKDIR/checkpoints",
     "expected": "published number this recipe reproduces: metric (a key of the final eval "
-                "metrics, compared in %), value, tolerance, source",
+                "metrics, compared in %), value, tolerance, source; for benchmarks of task "
+                "groups (VTAB) group and published [mean of group means, mean of tasks]",
 }
 
 DURATIONS = ("total", "warmup", "log_every", "eval_every", "checkpoint_every")
@@ -59,7 +60,7 @@ SECTIONS = {
     "eval": {"split", "pp", "batch_size"},
     "init": {"source", "path", "dont_load", "arch", "step"},
     "lr_schedule": {"decay_type", "linear_end"},
-    "expected": {"metric", "value", "tolerance", "source"},
+    "expected": {"metric", "value", "tolerance", "source", "group", "published"},
 }
 
 OPTIMIZERS = ("sgd", "adamw")

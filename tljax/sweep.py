@@ -10,6 +10,7 @@ A sweep file is plain Python defining
     SEEDS = [0, 1, 2]                              # every arm runs once per seed
     ARMS = {"full": {"freeze": "full"},            # name -> config overrides ('a.b': value)
             "linear_probe": {"freeze": "linear_probe", "lr": 0.01}}
+                                                   # (an arm's "config" key replaces CONFIG)
     METRIC = "accuracy"                            # optional: the final metric to tabulate
     DESCRIPTION = "..."                            # optional: a line above the table
 
@@ -139,7 +140,9 @@ def run_one(workdir: str) -> None:
     logging.set_verbosity(logging.WARNING)
     with open(os.path.join(workdir, RUN_FILE)) as f:
         spec = json.load(f)
-    train.train_and_evaluate(load_config(spec["config"], spec["overrides"]), workdir)
+    overrides = dict(spec["overrides"])
+    config = load_config(overrides.pop("config", spec["config"]), overrides)
+    train.train_and_evaluate(config, workdir)
 
 
 def _start(run: Run, sweep: Sweep, root: str, threads: int | None) -> subprocess.Popen:

@@ -69,7 +69,8 @@ def register(name: str, *, random: bool = False, batched: bool = False):
 
 
 # Modules whose ops register on import (kept out of this file's import time).
-_OP_MODULES = ("tljax.data.text", "tljax.data.audio", "tljax.data.corruptions")
+_OP_MODULES = ("tljax.data.text", "tljax.data.audio", "tljax.data.corruptions",
+               "tljax.data.vtab")
 
 
 def _import_op_modules() -> None:

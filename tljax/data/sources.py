@@ -14,7 +14,8 @@ each returns ``(source, info)`` for a split.
 labels, the class names, so tasks read their label sets from the data.
 
 Split strings take TFDS-style slices: ``train[:98%]``, ``train[98%:]``, ``train[:1000]``,
-``train[10:-10]``; percent boundaries are rounded to the nearest example.
+``train[10:-10]``; percent boundaries are rounded to the nearest example; ``+`` joins
+splits (``train[:800]+validation[:200]``).
 """
 
 from __future__ import annotations
@@ -151,18 +152,41 @@ class IndexedSource(Sequence):
         return [self._base[i] for i in mapped]
 
 
+class ConcatSource(Sequence):
+    """Several sources one after the other (a split spelt 'train[:800]+validation[:200]')."""
+
+    def __init__(self, parts: list[Sequence]):
+        self._parts = parts
+        self._starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> Any:
+        part = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._parts[part][i - int(self._starts[part])]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        return [self[i] for i in indices]
+
+
 def select_split(
     name: str, splits: dict[str, Sequence], split: str, make_info
 ) -> tuple[Sequence, DatasetInfo]:
-    base, spec = parse_split(split)
-    if base not in splits:
-        raise ValueError(
-            f"Dataset {name!r} has no split {base!r}; available: {', '.join(sorted(splits))}."
-        )
-    indices = slice_indices(spec, len(splits[base]), split)
+    """The examples of `split` (slices allowed; '+' joins several) and the dataset's info."""
+    parts = []
+    for one in split.split("+"):
+        base, spec = parse_split(one)
+        if base not in splits:
+            raise ValueError(
+                f"Dataset {name!r} has no split {base!r}; available: "
+                f"{', '.join(sorted(splits))}."
+            )
+        indices = slice_indices(spec, len(splits[base]), one)
+        parts.append(splits[base] if spec is None else IndexedSource(splits[base], indices))
     sizes = {k: len(v) for k, v in splits.items()}
-    sizes[split] = len(indices)
-    source = splits[base] if spec is None else IndexedSource(splits[base], indices)
+    source = parts[0] if len(parts) == 1 else ConcatSource(parts)
+    sizes[split] = len(source)
     return source, make_info(sizes)
 
 
@@ -261,10 +285,10 @@ def _tfds_source(name: str, split: str, data_dir: str) -> tuple[Sequence, Datase
     features = {(k if k != TEXT_ALIAS else "text"): _tfds_feature(v)
                 for k, v in builder.info.features.items()}
     splits = {s: _tfds_split(str(version_dir), s) for s in builder.info.splits}
-    base, _ = parse_split(split)
     source, info = select_split(name, splits, split,
                                  lambda sizes: DatasetInfo(name, features, sizes))
-    splits[base].open()  # Read errors surface here rather than in a prefetch thread.
+    for one in split.split("+"):
+        splits[parse_split(one)[0]].open()  # Read errors here, not in a prefetch thread.
     return source, info
 
 
