@@ -222,3 +222,40 @@ def test_every_input_error_shares_one_base():
     for error in (ConfigError, DatasetNotPreparedError, OfflineError, UnsafeCheckpointError,
                   CheckpointMismatchError):
         assert issubclass(error, InputError), error
+
+
+# ---------------------------------------------------------------------------------------------
+# Regularisers of the classification task.
+
+
+def _classes(n):
+    return DatasetInfo("d", {"image": Feature("image"),
+                             "label": Feature("class_label", tuple(str(i) for i in range(n)))},
+                       {})
+
+
+def test_label_smoothing_mixup_and_cutmix_targets():
+    import jax
+
+    rng = jax.random.PRNGKey(0)
+    images = jnp.stack([jnp.full((8, 8, 3), float(i)) for i in range(4)])
+    batch = {"image": images, "label": jnp.array([0, 1, 2, 3])}
+    smooth = tasks.build_task({"name": "classification", "label_smoothing": 0.2}, _classes(4))
+    out = smooth.train_batch(batch, rng)
+    np.testing.assert_allclose(out["label"][0], [0.85, 0.05, 0.05, 0.05], rtol=1e-6)
+    assert out["image"] is images  # smoothing alone leaves the inputs alone
+    for options in ({"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.4, "cutmix": 1.0,
+                                                      "label_smoothing": 0.1}):
+        task = tasks.build_task({"name": "classification", **options}, _classes(4))
+        for seed in range(6):
+            out = jax.jit(task.train_batch)(batch, jax.random.PRNGKey(seed))
+            targets, mixed = np.asarray(out["label"]), np.asarray(out["image"])
+            np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-5)  # sums to one
+            # Each image mixes itself (value i) with its neighbour (i - 1): the pixel mean
+            # is the share of itself times i plus the rest times i - 1, as the targets say.
+            share = targets[1, 1] if "label_smoothing" not in options else (
+                (targets[1, 1] - 0.1 / 4) / 0.9)
+            np.testing.assert_allclose(mixed[1].mean(), share * 1 + (1 - share) * 0, atol=1e-5)
+    assert smooth.train_batch(batch, rng)["label"].shape == (4, 4)
+    with pytest.raises(InputError, match="label_smoothing"):
+        tasks.build_task({"name": "classification", "label_smoothing": 1.5}, _classes(4))

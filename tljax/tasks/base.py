@@ -6,6 +6,8 @@ The trainer knows nothing of labels, accuracy or argmax; it asks the task (chose
   head(dtype)                 the module attached to the backbone under the name `head`;
   head_input                  what the head reads: None (the backbone's features) or a key
                               of its named outputs ('tokens' for a per-token head);
+  train_batch(batch, rng)     the training batch as the loss should see it (label
+                              smoothing, mixup, ...; default: unchanged), inside jit;
   loss(outputs, batch)        the scalar training loss of a batch (masks applied);
   eval_outputs(outputs, batch)  per eval batch, inside jit: the arrays the metrics need
                               (sums, or predictions); padding examples are marked by
@@ -82,6 +84,9 @@ class Task:
 
     def head(self, dtype: Any = jnp.float32) -> nn.Module:
         raise NotImplementedError
+
+    def train_batch(self, batch: Batch, rng: Any) -> Batch:
+        return batch
 
     def loss(self, outputs: jnp.ndarray, batch: Batch) -> jnp.ndarray:
         raise NotImplementedError

@@ -9,6 +9,16 @@ Losses, per example, then the mean over the batch:
   sigmoid_xent   sum_c BCE(sigmoid(z_c), y_c)  (independent per-class decisions)
 `multilabel=True` implies sigmoid_xent.
 
+Regularisers for small data, applied to training batches only (`train_batch`):
+  label_smoothing e   targets (1 - e) y + e / C
+  mixup a             x = l x + (1 - l) x', y = l y + (1 - l) y' with l ~ Beta(a, a) and
+                      (x', y') the batch rolled by one (Zhang et al. 2018)
+  cutmix a            a box of area (1 - l) of x' pasted into x, y mixed by the box's
+                      true area share (Yun et al. 2019)
+With both mixup and cutmix each batch uses one of them, chosen with probability 1/2.
+They mix the batch's 'image' and make the targets vectors; the draws come from the train
+step's RNG, so a run stays reproducible and resumable.
+
 Metrics over the whole eval split (padding examples excluded):
   single label   accuracy (top-1; against argmax y for vector targets), loss;
   multi-label    map (mean over classes with a positive of scikit-learn's average precision),
@@ -85,10 +95,17 @@ class Classification(Task):
 
     def __init__(self, info: DatasetInfo, loss: str = "softmax_xent", multilabel: bool = False,
                  label_key: str = "label", target_key: str | None = None,
-                 head_zeroinit: bool = True):
+                 head_zeroinit: bool = True, label_smoothing: float = 0.0, mixup: float = 0.0,
+                 cutmix: float = 0.0):
         super().__init__(info)
         if loss not in LOSSES:
             raise InputError(f"task.loss={loss!r}: expected one of {', '.join(LOSSES)}.")
+        for name, value in (("label_smoothing", label_smoothing), ("mixup", mixup),
+                            ("cutmix", cutmix)):
+            if not 0 <= value < (1 if name == "label_smoothing" else float("inf")):
+                raise InputError(f"task.{name}={value!r}: must be >= 0"
+                                 f"{' and < 1' if name == 'label_smoothing' else ''}.")
+        self.label_smoothing, self.mixup, self.cutmix = label_smoothing, mixup, cutmix
         self.multilabel = multilabel
         self.loss_name = "sigmoid_xent" if multilabel else loss
         self.label_key = label_key
@@ -110,6 +127,23 @@ class Classification(Task):
 
     def head(self, dtype: Any = jnp.float32) -> nn.Module:
         return LinearHead(len(self.class_names), self.head_zeroinit, dtype)
+
+    def train_batch(self, batch: Batch, rng: jax.Array) -> Batch:
+        """Label smoothing, mixup and cutmix (see the module docstring)."""
+        if not (self.label_smoothing or self.mixup or self.cutmix):
+            return batch
+        targets = batch[self.target_key]
+        num_classes = len(self.class_names)
+        if targets.ndim == 1:
+            targets = jax.nn.one_hot(targets, num_classes)
+        targets = targets * (1 - self.label_smoothing) + self.label_smoothing / num_classes
+        batch = {**batch, self.target_key: targets}
+        if not (self.mixup or self.cutmix):
+            return batch
+        choose, draw, box = jax.random.split(rng, 3)
+        mixed = mix_batch(batch, self.target_key, draw, box, self.mixup, self.cutmix,
+                          use_cutmix=jax.random.bernoulli(choose, 0.5))
+        return mixed
 
     def _per_example_loss(self, logits: jnp.ndarray, batch: Batch) -> jnp.ndarray:
         fn = softmax_xent if self.loss_name == "softmax_xent" else sigmoid_xent
@@ -159,6 +193,40 @@ class Classification(Task):
             lines.append(" | ".join(f"{self.class_names[c]} {probs[c]:.3f}"
                                     for c in order[:max(top, 1)]))
         return lines
+
+
+def mix_batch(batch: Batch, target_key: str, draw: jax.Array, box: jax.Array, mixup: float,
+              cutmix: float, use_cutmix: jax.Array) -> Batch:
+    """Mixup or cutmix of batch['image'] and its vector targets with the batch rolled by one.
+
+    `use_cutmix` (a traced bool) picks cutmix when both are on; with one of them on, that
+    one is used.
+    """
+    images, targets = batch["image"], batch[target_key]
+    other_images, other_targets = jnp.roll(images, 1, axis=0), jnp.roll(targets, 1, axis=0)
+    if not cutmix:
+        use_cutmix = jnp.asarray(False)
+    elif not mixup:
+        use_cutmix = jnp.asarray(True)
+    alpha = jnp.where(use_cutmix, max(cutmix, 1e-6), max(mixup, 1e-6))
+    lam = jax.random.beta(draw, alpha, alpha)
+    # Cutmix: a box of area (1 - lam), clipped to the image; lam becomes the kept area.
+    height, width = images.shape[1], images.shape[2]
+    cut_h = jnp.sqrt(1 - lam) * height
+    cut_w = jnp.sqrt(1 - lam) * width
+    cy, cx = jax.random.uniform(box, (2,)) * jnp.array([height, width])
+    top, bottom = jnp.clip(cy - cut_h / 2, 0, height), jnp.clip(cy + cut_h / 2, 0, height)
+    left, right = jnp.clip(cx - cut_w / 2, 0, width), jnp.clip(cx + cut_w / 2, 0, width)
+    rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+    inside = ((rows >= jnp.round(top)) & (rows < jnp.round(bottom))
+              & (cols >= jnp.round(left)) & (cols < jnp.round(right)))
+    kept = 1 - inside.mean()
+    cut_images = jnp.where(inside[None, :, :, None], other_images, images)
+    mixed_images = lam * images + (1 - lam) * other_images
+    share = jnp.where(use_cutmix, kept, lam)
+    return {**batch,
+            "image": jnp.where(use_cutmix, cut_images, mixed_images).astype(images.dtype),
+            target_key: share * targets + (1 - share) * other_targets}
 
 
 def read_image_file(path: str) -> np.ndarray:
