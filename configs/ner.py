@@ -25,9 +25,11 @@ Arguments (comma-separated after the file name):
 Recipe and measurements (wnut16 test split, 478 tweets, 2 CPU cores; entity F1 as seqeval
 computes it, the majority-tag baseline - every word 'O' - scores 0):
   default            full fine-tune, max_len 64, batch 32, AdamW lr 1e-4 (wd 0.01) with the
-                     head at 30x, 10% warmup then cosine, clip 1.0, 8 epochs (480 steps).
-  freeze=linear_probe  frozen encoder, lr 0.01, same duration.
-  See the README ("Token classification") for the measured F1 of both.
+                     head at 30x, 10% warmup then cosine, clip 1.0, 8 epochs (479 steps):
+                     F1 47.7% (P 48.4%, R 46.9%; 42.1% / 45.1% / 48.0% after 2 / 4 / 6
+                     epochs); 78 min on 2 cores shared at load 11-18.
+  freeze=linear_probe  frozen encoder, lr 0.01, same duration: F1 20.8%, 10 min.
+  runlocal           120 steps of the full recipe: F1 34.9%, 4 min.
 """
 
 import ml_collections
