@@ -70,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if probe:
         config.model.dropout = 0.0
         config.model.attention_dropout = 0.0
-    config.init = dict(source="hf", path=model_dir, dont_load=["^pooler/"])
+    config.init = dict(source="hf", path=model_dir, dont_load=["^pooler/"],
+                       arch=nullable(str), step=nullable(int))
     config.task = dict(name="token_classification")
 
     config.optim = dict(name="adamw", b1=0.9, b2=0.999, weight_decay=0.01)

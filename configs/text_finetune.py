@@ -120,7 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if probe:
         config.model.dropout = 0.0
         config.model.attention_dropout = 0.0
-    config.init = dict(source="hf", path=model_dir, dont_load=["^pooler/"])
+    config.init = dict(source="hf", path=model_dir, dont_load=["^pooler/"],
+                       arch=nullable(str), step=nullable(int))
 
     # Optimisation: AdamW as in BERT fine-tuning; the head alone takes a much larger step.
     config.task = dict(name="classification", loss="softmax_xent")
