@@ -64,5 +64,6 @@ class Watch:
 
     def close(self) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # None: the handler was installed outside Python (e.g. by jax.distributed).
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self._previous = {}
