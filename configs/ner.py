@@ -34,7 +34,7 @@ computes it, the majority-tag baseline - every word 'O' - scores 0):
 
 import ml_collections
 
-from tljax.config import add_durations, nullable, parse_arg
+from tljax.config import nullable, parse_arg
 
 ARGUMENTS = dict(dataset="wnut16", model="minilm", freeze="full", max_len=0, runlocal=False)
 
@@ -72,7 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if probe:
         config.model.dropout = 0.0
         config.model.attention_dropout = 0.0
-    config.init = dict(source="hf", path=model_dir, dont_load=["^pooler/"])
+    config.init = dict(source="hf", path=model_dir, dont_load=["^pooler/"],
+                       arch=nullable(str), step=nullable(int))
     config.task = dict(name="token_classification")
 
     config.optim = dict(name="adamw", b1=0.9, b2=0.999, weight_decay=0.01)
@@ -107,4 +108,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.total_steps = 120
         config.warmup_steps = 12
         config.log_every_steps = 20
-    return add_durations(config)
+    return config

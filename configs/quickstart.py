@@ -17,7 +17,7 @@ Arguments:
 
 import ml_collections
 
-from tljax.config import add_durations, nullable, parse_arg
+from tljax.config import ConfigError, nullable, parse_arg
 
 # (x - 127) / 128 on 0..255 pixels, as the weights were trained.
 VALUE_RANGE = "value_range(-0.9921875,1.0)"
@@ -41,15 +41,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         from tljax.pretrained.efficientnet import weights_file
 
         config.init = dict(source="efficientnet_lite", path=weights_file("lite0"),
-                           dont_load=["^head/"])
+                           dont_load=["^head/"], arch=nullable(str), step=nullable(int))
     elif arg.init == "scratch":
         # Batch statistics must be learned when nothing was pre-trained, with a decay
         # short enough for the running averages to catch up within the run.
         config.model.bn_update = True
         config.model.bn_momentum = 0.9
-        config.init = dict(source=nullable(str), path="", dont_load=[])
+        config.init = dict(source=nullable(str), path="", dont_load=[],
+                           arch=nullable(str), step=nullable(int))
     else:
-        raise ValueError(f"init={arg.init!r}: expected pretrained or scratch.")
+        raise ConfigError(f"init={arg.init!r}: expected pretrained or scratch.")
 
     config.task = dict(name="classification", loss="softmax_xent")
     config.optim = dict(name="adamw", weight_decay=1e-4)
@@ -72,4 +73,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.input.split = "train[:256]"
         config.eval.split = "test[:1000]"
         config.total_epochs = 4.0
-    return add_durations(config)
+    return config

@@ -52,7 +52,7 @@ forward pass (the trainer stops gradients at frozen parameters): a linear-probe 
 
 import ml_collections
 
-from tljax.config import add_durations, nullable, parse_arg
+from tljax.config import nullable, parse_arg
 
 # Per-dataset recipe: eval split, max_len and duration (full fine-tune / linear probe).
 RECIPES = {
@@ -120,7 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if probe:
         config.model.dropout = 0.0
         config.model.attention_dropout = 0.0
-    config.init = dict(source="hf", path=model_dir, dont_load=["^pooler/"])
+    config.init = dict(source="hf", path=model_dir, dont_load=["^pooler/"],
+                       arch=nullable(str), step=nullable(int))
 
     # Optimisation: AdamW as in BERT fine-tuning; the head alone takes a much larger step.
     config.task = dict(name="classification", loss="softmax_xent")
@@ -159,4 +160,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.total_epochs = None
         config.warmup_epochs = None
         config.log_every_steps = 5
-    return add_durations(config)
+    return config

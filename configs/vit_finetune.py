@@ -24,7 +24,7 @@ Arguments (comma-separated after the file name):
 
 import ml_collections
 
-from tljax.config import add_durations, nullable, parse_arg
+from tljax.config import ConfigError, closest, nullable, parse_arg
 
 # name: steps, lr, held-out share of train for `val`, test split, expected top-1 of
 # ViT-B/16 (ImageNet-21k, 384 px; paper Table 5) with its tolerance.
@@ -54,6 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     runlocal=False)
     if arg.runlocal:
         arg.dataset = "fashion_mnist"
+    if arg.dataset not in DATASETS:
+        raise ConfigError(f"dataset={arg.dataset!r}{closest(arg.dataset, DATASETS, 'value')}: this "
+                          f"recipe knows {', '.join(DATASETS)}.")
     recipe = DATASETS[arg.dataset]
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -79,7 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = dict(variant=arg.model, pool_type="tok", representation_size=nullable(int),
                         dropout=0.0)
     config.init = dict(source="vit_jax", path=CHECKPOINTS.get(arg.model, ""),
-                       dont_load=["^head/", "^pre_logits/"])
+                       dont_load=["^head/", "^pre_logits/"], arch=nullable(str),
+                       step=nullable(int))
 
     # Optimisation.
     config.task = dict(name="classification", loss="softmax_xent")
@@ -115,7 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # From scratch (no hub offline): 28 px, 7x7 patches (16 tokens), 3 blocks of
         # width 96. 600 steps of 128 plus two evaluations on all 10,000 test images take
         # under 3 minutes on 2 CPU cores and reach ~83% top-1.
-        config.init = dict(source=nullable(str), path="", dont_load=[])
+        config.init = dict(source=nullable(str), path="", dont_load=[],
+                           arch=nullable(str), step=nullable(int))
         config.model = dict(patch_size=(7, 7), width=96, depth=3, mlp_dim=384, num_heads=3,
                             pool_type="gap", dropout=0.0)
         config.input.batch_size = 128
@@ -129,4 +134,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.log_every_steps = 50
         config.eval_every_steps = 300
         config.checkpoint_every_steps = 200
-    return add_durations(config)
+    return config

@@ -25,7 +25,7 @@ Each run records its task's group in `expected.group` and these two numbers in
 
 import ml_collections
 
-from tljax.config import add_durations, nullable, parse_arg
+from tljax.config import nullable, parse_arg
 from tljax.data import vtab
 
 CHECKPOINT = "gs://vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.expected = dict(metric="accuracy", value=None, tolerance=None,
                            source=f"V-PETL VTAB-1k, ViT-B/16 IN-21k, {arg.method}",
                            group=task.group, published=list(PUBLISHED[arg.method]))
-    return add_durations(config)
+    return config
 
 
 def _first(split: str, n: int) -> str:

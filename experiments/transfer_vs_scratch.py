@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import quickstart  # noqa: E402
 
+from tljax.errors import InputError, RunStopped, exit_status  # noqa: E402
 from tljax.train import train_and_evaluate  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where both runs go.")
@@ -59,7 +60,10 @@ def format_report(report: dict) -> str:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    report = run_both(_WORKDIR.value, _LABELS.value, _CI.value)
+    try:
+        report = run_both(_WORKDIR.value, _LABELS.value, _CI.value)
+    except (InputError, RunStopped) as e:  # one line, as from python -m tljax.main
+        sys.exit(exit_status(e))
     print("\n" + format_report(report))
 
 

@@ -469,7 +469,7 @@ def _prepare_cli(*args: str) -> subprocess.CompletedProcess:
 def test_prepare_tool_offline(tmp_path, fashion_mnist_dir):
     start = time.monotonic()
     failed = _prepare_cli("cifar10", f"--data_dir={tmp_path}")
-    assert failed.returncode == 1 and time.monotonic() - start < 10
+    assert failed.returncode == 2 and time.monotonic() - start < 10
     assert "Cannot prepare 'cifar10' offline" in failed.stderr
     again = _prepare_cli("fashion_mnist", "bbc_news", f"--data_dir={fashion_mnist_dir}")
     assert again.returncode == 0, again.stderr

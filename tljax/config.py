@@ -1,20 +1,31 @@
-"""Config helpers: argument strings, strict validation, durations in any unit.
+"""Config helpers: config files, command-line overrides, strict keys, durations in any unit.
 
 Every key a config may hold is listed in `TOP_LEVEL` (and `SECTIONS` for the
 nested ones) with what it means, so a typo stops the run before any work with
 one line naming the key and the closest valid one, instead of being ignored.
+`DEFAULTS` fills the keys a config file leaves out, so every key can be set from the
+command line and config.json records the whole resolved config.
+
+Command-line values (`--config.key=value`, `override`) take the type of the field they
+replace: booleans are true/false (yes/no, 1/0), numbers must parse, list and tuple fields
+take Python literals (`--config.mesh="[('data', 2), ('fsdp', -1)]"`), and `None` clears
+a field. The value ranges of every key are checked by `tljax.validate`.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
+import importlib.util
 import inspect
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
-from tljax.errors import InputError
+from tljax.errors import InputError, MissingFileError
 
 
 class ConfigError(InputError):
@@ -43,7 +54,9 @@ TOP_LEVEL = {
     "compute_dtype": "'float32' or 'bfloat16' (parameters stay float32)",
     "mesh": "list of (axis name, size) for the device mesh, -1 takes the remaining devices",
     "sharding_rules": "list of (regex, 'replicate' | 'fsdp') deciding parameter sharding",
-    "keep_checkpoints": "number of checkpoints kept in WORKDIR/checkpoints",
+    "keep_checkpoints": "number of checkpoints kept in WORKDIR/checkpoints (at least 1)",
+    "on_nonfinite": "a NaN or infinite loss or gradient: 'stop' the run (exit status 3, the "
+                    "last finite checkpoint kept) or 'skip' that update",
     "expected": "published number this recipe reproduces: metric (a key of the final eval "
                 "metrics, compared in %), value, tolerance, source; for benchmarks of task "
                 "groups (VTAB) group and published [mean of group means, mean of tasks]",
@@ -56,7 +69,7 @@ for _prefix in DURATIONS:
         TOP_LEVEL[f"{_prefix}_{_unit}"] = f"{_prefix.replace('_', ' ')} duration in {_unit}"
 
 SECTIONS = {
-    "input": {"dataset", "data_dir", "split", "pp", "batch_size"},
+    "input": {"dataset", "data_dir", "split", "pp", "batch_size", "on_bad_example"},
     "eval": {"split", "pp", "batch_size"},
     "init": {"source", "path", "dont_load", "arch", "step"},
     "lr_schedule": {"decay_type", "linear_end"},
@@ -66,10 +79,148 @@ SECTIONS = {
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def closest(key: str, valid: Iterable[str]) -> str:
-    """' (closest valid key: X)' or '' when nothing is close."""
+def nullable(kind: type) -> ml_collections.FieldReference:
+    """A None default that `--config.key=value` can still override."""
+    return ml_collections.config_dict.placeholder(kind)
+
+
+
+def _defaults() -> dict[str, Any]:
+    """Keys a config file may leave out, with what they mean when it does."""
+    defaults: dict[str, Any] = {
+        "seed": 0, "task": {"name": "classification"}, "lr_schedule": {
+            "decay_type": "cosine", "linear_end": 0.0},
+        "grad_clip_norm": nullable(float), "freeze": "full", "schedule": nullable(list),
+        "llrd": nullable(float), "lr_mults": nullable(list), "wd_mults": nullable(list),
+        "unfreeze_warmup_steps": nullable(int), "cache_features": False,
+        "compute_dtype": "float32", "mesh": [("data", -1)],
+        "sharding_rules": [(".*", "replicate")], "keep_checkpoints": 2,
+        "on_nonfinite": "stop",
+        "init": {"source": nullable(str), "path": "", "dont_load": [], "arch": nullable(str),
+                 "step": nullable(int)},
+        "input": {"data_dir": nullable(str), "on_bad_example": "error"},
+    }
+    for prefix in DURATIONS:
+        for unit in UNITS:
+            defaults[f"{prefix}_{unit}"] = nullable(float if unit == "epochs" else int)
+    return defaults
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with every key of `_defaults` it lacks added (in place; also returned)."""
+    with config.unlocked():
+        for key, value in _defaults().items():
+            if isinstance(value, dict):
+                if config.get(key) is None:
+                    config[key] = value
+                else:
+                    for sub, sub_value in value.items():
+                        if sub not in config[key]:
+                            config[key][sub] = sub_value
+            elif key not in config:
+                config[key] = value
+    return config
+
+
+# ---------------------------------------------------------------------------
+# Config files and command-line overrides.
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """`FILE[:ARGS]` -> `FILE`'s get_config(ARGS), with defaults filled in.
+
+    Mistakes in the arguments (an unknown name, a value of the wrong type, a value the
+    file rejects) are ConfigErrors naming the file.
+    """
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        others = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(
+            folder) else []
+        hint = closest(os.path.basename(path), others, "file")
+        raise MissingFileError(f"Config file {path!r} not found{hint}.")
+    module_spec = importlib.util.spec_from_file_location("_tljax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except InputError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        what = f"{type(e).__name__} {e}" if isinstance(e, KeyError) else str(e)
+        raise ConfigError(f"{path}: get_config({arg!r}) failed: {what}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict, "
+                          f"not {type(config).__name__}.")
+    return with_defaults(config)
+
+
+def _field_type(node: ml_collections.ConfigDict, key: str) -> type | None:
+    """The type a field holds (a placeholder's declared type), None when it is untyped."""
+    field = node._fields.get(key)  # noqa: SLF001 - placeholders keep their type here
+    if isinstance(field, config_dict.FieldReference):
+        return field.get_type()
+    return None if field is None else type(field)
+
+
+def parse_value(name: str, text: str, kind: type | None) -> Any:
+    """The command-line string `text` for field `name` of type `kind` (None: untyped)."""
+    if text.strip() == "None":
+        return None
+    expected = {bool: "true or false", int: "an integer", float: "a number",
+                list: "a list literal, e.g. [('data', -1)]",
+                tuple: "a tuple literal, e.g. (16, 16)"}
+    try:
+        if kind is bool:
+            value = {"true": True, "yes": True, "1": True, "false": False, "no": False,
+                     "0": False}[text.strip().lower()]
+        elif kind is int:
+            value = int(text)
+        elif kind is float:
+            value = float(text)
+        elif kind in (list, tuple):
+            value = ast.literal_eval(text)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(text)
+            value = kind(value)
+        elif kind is None:  # untyped (None default): a literal when it is one, else text
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+        elif kind is str:
+            value = text
+        else:
+            raise ConfigError(f"--config.{name} holds a {kind.__name__}; set its keys one by "
+                              f"one (--config.{name}.KEY=VALUE).")
+    except (KeyError, ValueError, SyntaxError):
+        raise ConfigError(f"--config.{name}={text!r}: expected {expected[kind]}.") from None
+    return value
+
+
+def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets `config.<key>` from the command-line string `text` (see the module docstring)."""
+    *parents, last = key.split(".")
+    node, walked = config, []
+    for part in [*parents, last]:
+        valid = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if part not in valid:
+            where = ".".join(walked) or "config"
+            raise ConfigError(f"Unknown config key {key!r}: {where} has no {part!r}"
+                              f"{closest(part, valid)}.")
+        if part != last:
+            node, walked = node[part], walked + [part]
+    value = parse_value(key, text, _field_type(node, last))
+    try:
+        node[last] = value
+    except TypeError as e:
+        raise ConfigError(f"--config.{key}={text!r}: {e}.") from None
+
+
+def closest(key: str, valid: Iterable[str], what: str = "key") -> str:
+    """' (closest valid key: X)' (or value, file, ...) or '' when nothing is close."""
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (closest valid key: {match[0]})" if match else ""
+    return f" (closest valid {what}: {match[0]})" if match else ""
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -96,10 +247,16 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
             if not isinstance(default, bool):
                 raise ConfigError(f"Config argument {name!r} needs a value: {name}=...")
             result[name] = True
-        elif isinstance(default, bool):
-            result[name] = value.lower() in ("1", "true", "yes")
+        elif default is None:
+            result[name] = value
         else:
-            result[name] = type(default)(value) if default is not None else value
+            try:
+                result[name] = parse_value(name, value, type(default))
+            except ConfigError:
+                kind = {bool: "true or false", int: "an integer", float: "a number"}.get(
+                    type(default), type(default).__name__)
+                raise ConfigError(f"Config argument {name}={value!r}: expected {kind}."
+                                  ) from None
     return result
 
 
@@ -161,22 +318,3 @@ def steps(config: ml_collections.ConfigDict, prefix: str, *, batch_size: int,
     if result < 0 or (prefix != "warmup" and result == 0):
         raise ConfigError(f"{prefix} duration resolves to {result} steps; it must be positive.")
     return min(result, total) if total is not None and prefix != "total" else result
-
-
-def nullable(kind: type) -> ml_collections.FieldReference:
-    """A None default that `--config.key=value` can still override."""
-    return ml_collections.config_dict.placeholder(kind)
-
-
-def add_durations(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Makes every duration field the config leaves unset (`total_steps`, `warmup_epochs`, ...)
-    a None placeholder, so that any of them can be set from the command line.
-
-    Call it last in `get_config`: fields with a value keep it.
-    """
-    for prefix in DURATIONS:
-        for unit in UNITS:
-            key = f"{prefix}_{unit}"
-            if config.get(key) is None:
-                config[key] = nullable(float if unit == "epochs" else int)
-    return config

@@ -118,6 +118,7 @@ class CachedBatches(Iterator[dict]):
         self._columns = columns
         self._like = like
         self.info = like.info
+        self.bad_examples = like.bad_examples
 
     def __next__(self) -> dict[str, Any]:
         step = self._like.step

@@ -18,10 +18,15 @@ class MetricWriter:
     """Appends one JSON object per log or eval step to WORKDIR/metrics.jsonl, mirrors
     scalars to TensorBoard event files and prints a progress line.
 
+    A run resumed from step r first drops the records an interrupted run wrote after its
+    checkpoint r (the resumed run writes them again), including a final evaluation written
+    after the last checkpoint, so metrics.jsonl holds each record once, as an uninterrupted
+    run writes it; TensorBoard purges its events after r likewise.
     Only the writer with `enabled=True` (process 0) touches files.
     """
 
-    def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+    def __init__(self, workdir: str, total_steps: int, enabled: bool = True,
+                 resume_step: int = 0):
         self.total_steps = total_steps
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -29,8 +34,25 @@ class MetricWriter:
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._drop_after(resume_step)
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                              purge_step=resume_step + 1 if resume_step
+                                              else None)
         self._clock: tuple[float, int] | None = None  # (time, step) the rate is measured from
+
+    def _drop_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        records = read_metrics(os.path.dirname(self.path), strict=False)
+        kept = [r for r in records if r["step"] < step or (r["step"] == step and not (
+            r["kind"] == "eval" and step == self.total_steps))]
+        if len(kept) == len(lines):
+            return
+        from tljax.workdir import write_json
+
+        write_json(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def start_clock(self, step: int) -> None:
         """Rates and ETA count from here (after the first step compiled)."""
@@ -71,12 +93,20 @@ class MetricWriter:
             self._tensorboard.close()
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
+def read_metrics(workdir: str, strict: bool = True) -> list[dict[str, Any]]:
+    """The records of WORKDIR/metrics.jsonl; `strict=False` skips a line cut short by a kill."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if strict and line.strip():
+                    raise
+    return records
 
 
 def plot_curves(workdir: str, metric: str = "accuracy") -> str | None:

@@ -111,22 +111,19 @@ def load_sweep(path: str) -> Sweep:
 
 
 def load_config(spec: str, overrides: dict[str, Any]) -> Any:
-    """The config `spec` ('FILE[:args]') with `overrides` ('a.b': value) applied strictly."""
-    from tljax.config import ConfigError, closest
+    """The config `spec` ('FILE[:args]', defaults filled in) with `overrides` ('a.b': value)
+    applied strictly: an unknown key names the closest valid one."""
+    from tljax import config as config_lib
 
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_tljax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    config = config_lib.load(spec)
     for key, value in overrides.items():
         *parents, last = key.split(".")
         node = config
         for part in parents:
             node = node[part]
         if last not in node:
-            raise ConfigError(f"Sweep override {key!r}: no such config key"
-                              f"{closest(last, list(node.keys()))}.")
+            raise config_lib.ConfigError(f"Sweep override {key!r}: no such config key"
+                                         f"{config_lib.closest(last, list(node.keys()))}.")
         node[last] = value
     return config
 

@@ -6,12 +6,16 @@
 Everything a run writes lands in WORKDIR: config.json, metrics.jsonl,
 tensorboard/, checkpoints/, results.json and curves.png. Starting a run on a
 workdir that holds a checkpoint resumes it exactly.
+
+What goes wrong is handled where it is first seen: mistakes of input before anything is
+written (tljax.validate, tljax.workdir), a non-finite loss inside the step
+(tljax.nonfinite), SIGTERM at the next step boundary (tljax.preemption), an unreadable
+checkpoint at resume (tljax.checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -25,10 +29,24 @@ import optax
 from jax.experimental import multihost_utils
 
 from tljax import config as config_lib
-from tljax import data, features, freeze, models, optim, outputs, sharding, tasks, tree
+from tljax import (
+    data,
+    features,
+    freeze,
+    models,
+    nonfinite,
+    optim,
+    outputs,
+    preemption,
+    sharding,
+    tasks,
+    tree,
+    validate,
+)
 from tljax.checkpoint import RunCheckpoints
 from tljax.models import lora
 from tljax.pretrained import loading
+from tljax.workdir import RunDir, write_json
 
 
 def enable_compilation_cache() -> None:
@@ -43,19 +61,23 @@ def enable_compilation_cache() -> None:
 # The run.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Fine-tunes as `config` says, writing into `workdir`; returns the final eval metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       dry_run: bool = False) -> dict[str, Any]:
+    """Fine-tunes as `config` says, writing into `workdir`; returns the final eval metrics.
+
+    Every check of the input (tljax.validate) runs before anything is compiled or written;
+    `dry_run` stops after them, printing the plan.
+    """
     enable_compilation_cache()
-    config_lib.validate(config, models.model_fields(config.model_name))
+    validate.check_config(config)  # every key, value and name, before any data is read
+    run = RunDir(workdir)  # a folder we may write that no other run holds
+    run.check_resume(config)  # a run saved there continues only with its model and data
     is_chief = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if is_chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     # Mesh: the batch is split over all devices; parameters follow config.sharding_rules.
     mesh = sharding.make_mesh(config.mesh)
     batch_sharding = sharding.batch_sharding(mesh)
+    validate.check_batch_sizes(config, jax.device_count(), jax.process_count())
 
     # Data. Durations in epochs or examples resolve against the training split's size.
     source, info = data.get_source(config.input.dataset, config.input.split,
@@ -69,7 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter = data.train_batches(
         dataset=config.input.dataset, split=config.input.split, pp=config.input.pp,
         batch_size=batch_size, seed=config.seed, data_dir=config.input.get("data_dir"),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        on_bad_example=config.input.on_bad_example)
 
     def global_batch(local_batch: dict) -> dict:
         # Strings and ragged lists (object arrays) stay on the host.
@@ -80,10 +103,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # dataset's features; the model is the backbone with the task's head attached as `head`.
     task = tasks.build_task(config.get("task"), info)
     model = models.from_config(config, task)
-    start_state = train_iter.get_state()
-    sample = models.inputs_of(model, {k: np.asarray(v)[:1] for k, v in
-                                      next(train_iter).items()})
-    train_iter.set_state(start_state)
+    first_batch = train_iter.batch_at(0)
+    sample = models.inputs_of(model, {k: np.asarray(v)[:1] for k, v in first_batch.items()})
 
     # Initialised straight into its shardings: eval_shape gives the tree without
     # computing it, the jitted init writes each shard where it lives.
@@ -94,58 +115,92 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     root_rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(root_rng)
-    variable_shapes = jax.eval_shape(init_variables, init_rng)
+    variable_shapes = validate.variable_shapes(init_variables, init_rng, config)
     variable_shardings = variable_shardings_of(config, variable_shapes, mesh)
     pretrained = None
-    if config.get("init") and config.init.get("source"):
+    if config.init.get("source"):
         # Read before compiling anything: a missing or unreachable checkpoint fails in seconds.
         pretrained = loading.read_init_checkpoint(config.init, variable_shapes)
+    lora_options = freeze.lora_options(config)
+
+    def add_adapters(variables: dict) -> dict:
+        # Adapters join the (pretrained) base variables: B = 0, so step 0 is the base model.
+        return model.add_adapters(variables, jax.random.fold_in(init_rng, 1), sample,
+                                  train=False)
+
+    if lora_options:
+        variable_shapes = jax.eval_shape(add_adapters, variable_shapes)
+
+    # Freeze schedule: phases of (labels, optimizer, compiled step), each built when first
+    # reached; frozen parameters carry no optimizer state and no gradient.
+    plan = freeze.Plan(config, variable_shapes["params"], model.blocks(),
+                       steps_per_epoch=train_size / batch_size)
+    validate.check_plan(plan)
+    cached = None
+    if config.get("cache_features"):
+        cached = features.check_cacheable(config, plan, lora_options)
+    # The eval pipeline is built and read now, so an eval mistake fails before training.
+    eval_batch, eval_size = validate.first_eval_batch(config, jax.process_index(),
+                                                      jax.process_count())
+    validate.check_batches(model, task, variable_shapes, first_batch, eval_batch)
+    if dry_run:
+        print(validate.describe(config, mesh=mesh, info=info, train_size=train_size,
+                                total_steps=total_steps, every=every, plan=plan,
+                                param_shapes=variable_shapes["params"], eval_size=eval_size,
+                                run=run), flush=True)
+        return {}
+
+    # Nothing is written before this line. The workdir is this run's from here (a lock).
+    run.claim(is_chief, jax.process_count())
     variables = jax.jit(init_variables, out_shardings=variable_shardings)(init_rng)
     if pretrained is not None:
         loaded, dont_load = pretrained
         variables = jax.device_put(loading.merge_pretrained(variables, loaded, dont_load),
                                    variable_shardings)
-    lora_options = freeze.lora_options(config)
     if lora_options:
-        # Adapters join the (pretrained) base variables: B = 0, so step 0 is the base model.
-        variables = model.add_adapters(variables, jax.random.fold_in(init_rng, 1), sample,
-                                       train=False)
+        variables = add_adapters(variables)
         variable_shardings = variable_shardings_of(config, variables, mesh)
         variables = jax.device_put(variables, variable_shardings)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
 
-    # Freeze schedule: phases of (labels, optimizer, compiled step), each built when first
-    # reached; frozen parameters carry no optimizer state and no gradient.
-    plan = freeze.Plan(config, params, model.blocks(), steps_per_epoch=train_size / batch_size)
-    cached = None
-    if config.get("cache_features"):
-        cached = features.check_cacheable(config, plan, lora_options)
-    checkpoints = RunCheckpoints(workdir, keep=config.get("keep_checkpoints", 2))
-    resume_step = checkpoints.latest_step()
+    checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
     forward = features.head_forward(model) if cached else model_forward(model)
     phases = Phases(config, plan, forward, task.loss, mesh, variable_shardings, total_steps,
                     every["warmup"] or 0)
     # A checkpoint's optimizer state is that of the phase of its last update.
-    phase = phases.get(plan.index_at(max((resume_step or 0) - 1, 0)))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-             "opt_state": phase.init(params), "rng": train_rng}
-    state = jax.device_put(state, phase.state_shardings)
-    labels = phase.labels
-    report_start(config, params, labels, mesh, total_steps, train_size, is_chief)
+    phase_at = lambda step: phases.get(plan.index_at(max(step - 1, 0)))  # noqa: E731
 
-    # Resume: a checkpoint in the workdir brings back params, optimizer state,
+    def new_state(phase: CompiledPhase) -> dict:
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+                "opt_state": phase.init(params), "rng": train_rng}
+
+    def abstract_state(step: int) -> dict:
+        phase = phase_at(step)
+        return jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(lambda: new_state(phase)), phase.state_shardings)
+
+    # Resume: the newest checkpoint that restores brings back params, optimizer state,
     # step, RNG and the data iterator's position.
     first_step = 0
-    if resume_step is not None:
-        abstract = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-            phase.state_shardings)
-        state, data_state = checkpoints.restore(resume_step, abstract)
+    restored = checkpoints.restore_latest(abstract_state)
+    if restored is None:
+        phase = phase_at(0)
+        state = jax.device_put(new_state(phase), phase.state_shardings)
+    else:
+        first_step, state, data_state = restored
+        phase = phase_at(first_step)
         train_iter.set_state(data_state)
-        first_step = int(state["step"])
         print(f"Resumed from {workdir}/checkpoints at step {first_step} (freeze phase "
               f"{plan.phases[phase.index].name!r}).", flush=True)
+    if first_step == total_steps and run.results is not None:
+        print(f"The run in {workdir} is finished (results.json); nothing to do.", flush=True)
+        checkpoints.close()
+        run.release()
+        return run.results["final_eval"]
+    run.write_config(config, is_chief)
+    report_start(config, params, phase.labels, mesh, total_steps, train_size, is_chief)
     if cached:
         # The frozen backbone's features, computed once; batches follow train_iter's order.
         train_iter = features.cached_batches(config, model, state, train_iter, workdir,
@@ -155,39 +210,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lr_at = optim.lr_schedule(config.lr, total_steps, every["warmup"] or 0,
                               **dict(config.lr_schedule))
 
-    writer = outputs.MetricWriter(workdir, total_steps, enabled=is_chief)
-    train_losses: list[jax.Array] = []
+    writer = outputs.MetricWriter(workdir, total_steps, enabled=is_chief, resume_step=first_step)
+    losses = nonfinite.Losses(config.on_nonfinite, checkpoints)  # NaN/inf: stop or skip
+    stop = preemption.Watch()  # SIGTERM/SIGINT: save at the next step boundary, then stop
     step = first_step
-    for step in range(first_step + 1, total_steps + 1):
-        if plan.index_at(step - 1) != phase.index:
-            phase, state = phases.switch(state, plan.index_at(step - 1))
-            if is_chief:
-                print(f"Step {step - 1}: freeze phase {plan.phases[phase.index].name!r}, "
-                      f"{phase.num_trainable:,} trainable parameters.", flush=True)
-        state, metrics = phase.step(state, global_batch(next(train_iter)))
-        train_losses.append(metrics["loss"])
-        if step == first_step + 1:
-            jax.block_until_ready(metrics)
-            writer.start_clock(step)  # rates exclude the first step's compilation
-        if _due(step, every["log_every"], total_steps) or step == first_step + 1:
-            writer.write(step, {"loss": np.mean(jax.device_get(train_losses)),
-                                "grad_norm": metrics["grad_norm"], "lr": lr_at(step - 1)},
-                         examples_per_step=batch_size)
-            train_losses = []
-        if every["eval_every"] and step % every["eval_every"] == 0 and step != total_steps:
-            writer.write(step, evaluate(state), kind="eval")
-        if _due(step, every["checkpoint_every"], total_steps):
-            checkpoints.save(step, state, train_iter.get_state())
+    try:
+        for step in range(first_step + 1, total_steps + 1):
+            if plan.index_at(step - 1) != phase.index:
+                phase, state = phases.switch(state, plan.index_at(step - 1))
+                if is_chief:
+                    print(f"Step {step - 1}: freeze phase {plan.phases[phase.index].name!r}, "
+                          f"{phase.num_trainable:,} trainable parameters.", flush=True)
+            state, metrics = phase.step(state, global_batch(next(train_iter)))
+            losses.add(step, metrics)
+            if step == first_step + 1:
+                jax.block_until_ready(metrics)
+                writer.start_clock(step)  # rates exclude the first step's compilation
+            if _due(step, every["log_every"], total_steps) or step == first_step + 1:
+                writer.write(step, {**losses.flush(), "grad_norm": metrics["grad_norm"],
+                                    "lr": lr_at(step - 1), **train_iter.bad_examples.counts()},
+                             examples_per_step=batch_size)
+            if every["eval_every"] and step % every["eval_every"] == 0 and step != total_steps:
+                writer.write(step, evaluate(state), kind="eval")
+            stopping = stop.requested()
+            if _due(step, every["checkpoint_every"], total_steps) or stopping:
+                losses.check()  # a non-finite state is never saved
+                checkpoints.save(step, state, train_iter.get_state())
+            if stopping:
+                raise stop.stopped(step, os.path.join(workdir, "checkpoints"))
 
-    final = evaluate(state)
-    writer.write(total_steps, final, kind="eval")
-    checkpoints.close()
-    writer.close()
-    if is_chief:
-        parameters = {"total": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
-                      "trainable": phase.num_trainable}
-        write_results(workdir, config, final, info, task, total_steps, parameters)
-        outputs.plot_curves(workdir, task.main_metric)
+        final = evaluate(state)
+        writer.write(total_steps, final, kind="eval")
+        checkpoints.close()
+        if is_chief:
+            parameters = {"total": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+                          "trainable": phase.num_trainable}
+            write_results(workdir, config, final, info, task, total_steps, parameters,
+                          {"skipped_updates": losses.skipped,
+                           "bad_examples_skipped": train_iter.bad_examples.count})
+            outputs.plot_curves(workdir, task.main_metric)
+    finally:
+        stop.close()
+        checkpoints.close()
+        writer.close()
+        run.release()
     return final
 
 
@@ -240,9 +306,15 @@ def make_train_step(forward: Forward, loss_fn: Callable[[Any, dict], jnp.ndarray
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree_util.tree_map(lambda p, u, t: p + u.astype(p.dtype) if t else p,
                                         state["params"], updates, trainable)
-        new_state = {"step": state["step"] + 1, "params": params,
-                     "model_state": new_model_state, "opt_state": opt_state, "rng": state["rng"]}
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        grad_norm = optax.tree.norm(grads)
+        # A NaN/inf loss or gradient leaves the state as it was (config.on_nonfinite).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updated = nonfinite.keep_finite(
+            finite, (params, new_model_state, opt_state),
+            (state["params"], state["model_state"], state["opt_state"]))
+        new_state = {"step": state["step"] + 1, "params": updated[0],
+                     "model_state": updated[1], "opt_state": updated[2], "rng": state["rng"]}
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     return train_step
 
@@ -363,10 +435,11 @@ def report_start(config: ml_collections.ConfigDict, params: Any, labels: Any, me
 
 def write_results(workdir: str, config: ml_collections.ConfigDict, final: dict[str, float],
                   info: data.DatasetInfo, task: tasks.Task, total_steps: int,
-                  parameters: dict[str, int]) -> None:
+                  parameters: dict[str, int], skipped: dict[str, int] | None = None) -> None:
     results: dict[str, Any] = {
         "final_eval": final, "main_metric": task.main_metric, "steps": total_steps,
         "parameters": parameters,  # trainable: in the last freeze phase
+        **(skipped or {}),
         "dataset": info.name, "eval_split": config.eval.split, "task": task.name,
         "class_names": task.output_names, "features": info.features_json(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -378,5 +451,4 @@ def write_results(workdir: str, config: ml_collections.ConfigDict, final: dict[s
         results["expected"] = {**dict(expected), "measured": measured,
                                "within_tolerance": abs(measured - expected.value)
                                <= expected.get("tolerance", 0.0)}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(os.path.join(workdir, "results.json"), results)

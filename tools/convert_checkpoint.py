@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tljax import checkpoint  # noqa: E402
+from tljax.errors import report  # noqa: E402
 from tljax.pretrained import load_pretrained  # noqa: E402
 
 
@@ -34,12 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="directory to write")
     parser.add_argument("--num_classes", type=int, default=None,
                         help="replace the head by a zero-initialised one of this size")
+    parser.add_argument("--verbose", action="store_true", help="tracebacks for input errors")
     args = parser.parse_args(argv)
     try:
         convert(args.source, args.output, args.num_classes)
-    except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError, ImportError) as e:  # InputError is a ValueError
+        if args.verbose:
+            raise
+        return report(e)
     print(f"wrote {args.output}")
     return 0
 

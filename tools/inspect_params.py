@@ -1,14 +1,17 @@
 """Prints the parameter tree of a pretrained checkpoint: shapes, dtypes and counts.
 
     python tools/inspect_params.py SPEC [--depth=N]
-    python tools/inspect_params.py --config=CONFIG[:ARGS] [--step=N] [--config.KEY=VALUE ...]
+    python tools/inspect_params.py --config=CONFIG[:ARGS] [--step=N] [--num_classes=N]
+                                   [--config.KEY=VALUE ...]
 
 SPEC is any `tljax.load_pretrained` spec (hf:DIR, timm:[ARCH:]FILE, big_vision:FILE.npz,
 vit_jax:FILE.npz, torchvision:ARCH:FILE, efficientnet_lite0, minilm, tljax:DIR, ...).
 
 With --config, prints the freeze schedule of a training config at step N (default 0):
 per parameter its block group, whether it trains in the phase of step N and its lr
-multiplier; the totals of trainable and all parameters; for LoRA the adapter count.
+multiplier; the totals of trainable and all parameters; for LoRA the adapter count. The
+dataset is not needed: without it the class count comes from --num_classes (or an
+onehot(N) in input.pp) and a synthetic input goes through input.pp.
 """
 
 from __future__ import annotations
@@ -69,38 +72,81 @@ def describe(variables: Mapping[str, Any], max_depth: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def describe_schedule(config: Any, step: int = 0) -> str:
+def _classes_in_pp(pp: str) -> int | None:
+    """The class count a pp string spells out (onehot(N) / multihot(N)), if any."""
+    match = re.search(r"\b(?:onehot|multihot)\(\s*(\d+)", pp)
+    return int(match.group(1)) if match else None
+
+
+def _task_and_sample(config: Any, num_classes: int | None, image_size: int
+                     ) -> tuple[Any, dict, int | None, str]:
+    """(task, one preprocessed example batch, train size or None, a note on where they came
+    from): from the dataset when it can be read, else from the config and the flags."""
+    from tljax import data, tasks
+    from tljax.errors import InputError
+
+    try:
+        source, info = data.get_source(config.input.dataset, config.input.split,
+                                       config.input.get("data_dir"))
+        batches = data.train_batches(dataset=config.input.dataset, split=config.input.split,
+                                     pp=config.input.pp, batch_size=config.input.batch_size,
+                                     seed=config.seed, data_dir=config.input.get("data_dir"))
+        return tasks.build_task(config.get("task"), info), batches.batch_at(0), len(source), ""
+    except InputError as e:
+        unreadable = e
+    count = num_classes or _classes_in_pp(config.input.pp)
+    if count is None:
+        raise InputError(f"{unreadable} (or, without the dataset, give the class count: "
+                         "--num_classes=N)") from unreadable
+    names = tuple(str(i) for i in range(count))
+    task_name = (config.get("task") or {}).get("name", "classification")
+    text = "tokenize" in config.input.pp
+    if task_name == "token_classification":
+        from tljax.data.text import token_classification_features
+
+        features = token_classification_features(names)
+        example = {"tokens": ["word"], "tags": np.zeros(1, np.int64)}
+    else:
+        kind = "text" if text else "image"
+        features = {kind: data.Feature(kind), "label": data.Feature("class_label", names)}
+        example = {kind: "text" if text else np.zeros((image_size, image_size, 3), np.uint8),
+                   "label": 0}
+    info = data.DatasetInfo(config.input.dataset, features, {})
+    batch = data.Preprocess(config.input.pp)([example], np.random.default_rng(0))
+    note = (f"(dataset not read: {count} classes, a synthetic "
+            f"{'text' if text else f'{image_size}x{image_size} image'} through input.pp)")
+    return tasks.build_task(config.get("task"), info), batch, None, note
+
+
+def describe_schedule(config: Any, step: int = 0, num_classes: int | None = None,
+                      image_size: int = 224) -> str:
     """The freeze schedule of `config` at `step`: one line per parameter, then totals.
 
-    Builds only shapes (`jax.eval_shape`): no weights are loaded or computed.
+    Builds only shapes (`jax.eval_shape`): no weights are loaded or computed. The dataset
+    gives the class count and a sample input when it can be read; without it the class
+    count comes from `num_classes` (or an onehot(N) in input.pp) and the sample is synthetic.
     """
     import jax
 
-    from tljax import data, freeze, models, tasks
+    from tljax import freeze, models, validate
     from tljax.models import lora
 
-    _, info = data.get_source(config.input.dataset, config.input.split,
-                              config.input.get("data_dir"))
-    batches = data.train_batches(dataset=config.input.dataset, split=config.input.split,
-                                 pp=config.input.pp, batch_size=config.input.batch_size,
-                                 seed=config.seed, data_dir=config.input.get("data_dir"))
-    model = models.from_config(config, tasks.build_task(config.get("task"), info))
-    sample = models.inputs_of(model, {k: np.asarray(v)[:1] for k, v in
-                                      batches.batch_at(0).items()
+    validate.check_config(config)
+    task, batch, train_size, note = _task_and_sample(config, num_classes, image_size)
+    model = models.from_config(config, task)
+    sample = models.inputs_of(model, {k: np.asarray(v)[:1] for k, v in batch.items()
                                       if np.asarray(v).dtype != object})
     rng = jax.random.PRNGKey(0)
     options = freeze.lora_options(config)
     params = jax.eval_shape(lambda r: model.init({"params": r, "dropout": r}, sample,
                                                  train=False), rng)["params"]
-    train_size = len(data.get_source(config.input.dataset, config.input.split,
-                                     config.input.get("data_dir"))[0])
-    plan = freeze.Plan(config, params, model.blocks(),
-                       steps_per_epoch=train_size / config.input.batch_size)
+    plan = freeze.Plan(config, params, model.blocks(), steps_per_epoch=(
+        train_size / config.input.batch_size if train_size else None))
     index = plan.index_at(step)
     groups = plan.groups(index)
     blocks = plan.blocks
     lines = [f"step {step}: phase {index} {plan.phases[index].name!r} "
-             f"(phases start at {[p.start for p in plan.phases]})",
+             f"(phases start at {[p.start for p in plan.phases]}) {note}".rstrip(),
              f"{'parameter':<72} {'group':>5} {'train':>5} {'lr mult':>9} {'size':>11}"]
     total = trainable = 0
     for name, leaf in tree.flatten(params).items():
@@ -122,22 +168,27 @@ def describe_schedule(config: Any, step: int = 0) -> str:
 
 
 def _config_main(argv: list[str]) -> int:
-    """--config=FILE[:ARGS] [--step=N] [--config.KEY=VALUE ...] through absl flags."""
-    from absl import flags
-    from ml_collections import config_flags
+    """--config=FILE[:ARGS] [--step=N] [--num_classes=N] [--config.KEY=VALUE ...]."""
+    from tljax import config as config_lib
+    from tljax.errors import InputError, exit_status
 
-    from tljax.config import ConfigError
-
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "training config", flag_values=flag_values,
-                                    lock_config=True)
-    flags.DEFINE_integer("step", 0, "training step to inspect", flag_values=flag_values)
-    flag_values(["inspect_params", *argv])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="training config FILE[:ARGS]")
+    parser.add_argument("--step", type=int, default=0, help="training step to inspect")
+    parser.add_argument("--num_classes", type=int, help="class count when the dataset is "
+                        "not available")
+    parser.add_argument("--image_size", type=int, default=224, help="side of the synthetic "
+                        "image fed through input.pp when the dataset is not available")
+    parser.add_argument("--verbose", action="store_true", help="tracebacks for input errors")
+    overrides = [a[len("--config."):].partition("=") for a in argv if a.startswith("--config.")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
     try:
-        print(describe_schedule(flag_values.config, flag_values.step))
-    except (ConfigError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        config = config_lib.load(args.config)
+        for key, _, value in overrides:
+            config_lib.override(config, key, value)
+        print(describe_schedule(config, args.step, args.num_classes, args.image_size))
+    except InputError as e:
+        return exit_status(e, args.verbose)
     return 0
 
 
@@ -148,14 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="a load_pretrained spec, e.g. efficientnet_lite0")
     parser.add_argument("--depth", type=int, default=None, help="fold subtrees below this depth")
+    parser.add_argument("--verbose", action="store_true", help="tracebacks for input errors")
     args = parser.parse_args(argv)
+    from tljax.errors import InputError, exit_status
     from tljax.pretrained import load_pretrained
 
     try:
         _, variables, info = load_pretrained(args.spec)
-    except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except InputError as e:
+        return exit_status(e, args.verbose)
     print(f"{args.spec}: {info.model_name} {info.model_kwargs}")
     print(describe(variables, args.depth))
     return 0

@@ -8,7 +8,8 @@
 The run's config.json rebuilds the task and the model (the same factory as training) and
 its evaluation preprocessing (`eval.pp`); results.json names the classes and describes the
 dataset's features, which decide what an input is (an image file, a text, a sentence to
-split into words); the weights come from the latest checkpoint (Orbax, no pickle). One
+split into words); the weights come from the newest checkpoint that restores (Orbax, no
+pickle; an unreadable newer one is named in one line and skipped). One
 line per input, the task's reading of the prediction, then a tab and the input:
 
     sports 0.974 | business 0.011 | politics 0.007\tArsenal beat Chelsea 2-0 in the cup final.
@@ -94,6 +95,8 @@ class Predictor:
 
     def outputs(self, inputs: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
         """(model outputs, preprocessed batch) for raw inputs (paths or texts)."""
+        from flax.errors import FlaxError
+
         from tljax import models
 
         rng = np.random.default_rng(0)  # eval pp is deterministic; the op signature wants one
@@ -104,8 +107,14 @@ class Predictor:
             raise PredictError(f"The run's eval preprocessing {self.config['eval']['pp']!r} "
                                f"failed on these inputs: {e}") from None
         device_batch = {k: v for k, v in batch.items() if np.asarray(v).dtype != object}
-        return np.asarray(self._outputs(self.variables,
-                                        models.inputs_of(self.model, device_batch))), batch
+        try:
+            outputs = self._outputs(self.variables, models.inputs_of(self.model, device_batch))
+        except (ValueError, TypeError, KeyError, FlaxError) as e:
+            shapes = ", ".join(f"{k} {np.shape(v)}" for k, v in sorted(device_batch.items()))
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PredictError(f"The run's model cannot take these inputs ({shapes} after the "
+                               f"eval pp {self.config['eval']['pp']!r}): {first}") from None
+        return np.asarray(outputs), batch
 
     def describe(self, inputs: Sequence[str], top: int = 3, batch_size: int = 64) -> list[str]:
         """One line per input: the task's reading of the prediction."""

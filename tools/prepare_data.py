@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tljax.data import prepare  # noqa: E402
+from tljax.errors import report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,13 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="tfds: download; local: build from local files; auto: tfds when online",
     )
+    parser.add_argument("--verbose", action="store_true", help="tracebacks for input errors")
     args = parser.parse_args(argv)
     for name in args.names:
         try:
             prepare.prepare(name, args.data_dir, source=args.source)
-        except (RuntimeError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        except (RuntimeError, ValueError) as e:  # InputError is a ValueError
+            if args.verbose:
+                raise
+            return report(e)
     return 0
 
 

@@ -66,7 +66,7 @@ from tljax.data.sources import DatasetInfo, Feature, register_source, select_spl
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 
-class AudioFileError(ValueError):
+class AudioFileError(sources.BadExampleError):
     """An audio file could not be decoded (corrupt, empty or of an unknown format)."""
 
 
@@ -149,6 +149,9 @@ class AudioFileSource(Sequence):
     def __getitem__(self, i: int) -> dict[str, Any]:
         audio, rate = load_audio(self._files[i], self._sample_rate)
         return {"audio": audio, "sample_rate": rate, "label": int(self._labels[i])}
+
+    def describe(self, i: int) -> str:
+        return str(self._files[i])
 
 
 def folder_splits(

@@ -13,6 +13,12 @@ Eval. Batch b covers examples [b*B, (b+1)*B) of the split; positions past the en
 
 Each local batch is built as a whole (one batched read from the source, then the pp ops), and
 grain's thread pool builds the next few batches while the current one is in use.
+
+Bad examples. An example whose file cannot be read or decoded (`BadExampleError`) stops the
+run in one line naming it (`on_bad_example='error'`, the default), or is skipped
+(`'skip'`): the next readable example of the split takes its place (in eval, as padding with
+mask False, so no example counts twice), deterministically, and `bad_examples` counts them
+for the log. A pp op that fails on an example names the example and the pp string.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,10 +35,35 @@ import grain
 import numpy as np
 
 from tljax.data.preprocess import Preprocess
-from tljax.data.sources import DatasetInfo, get_source
+from tljax.data.sources import BadExampleError, DatasetInfo, get_source
+from tljax.errors import InputError
 
 _STATE_VERSION = 1
 _ENDLESS = 2**62  # Steps in the "infinite" train stream.
+ON_BAD_EXAMPLE = ("error", "skip")
+_MAX_BAD_IN_A_ROW = 100  # 'skip' gives up: the data, not an example, is broken
+_SHOWN_BAD = 5  # bad examples named one by one in the log; later ones are only counted
+
+
+class BadExamples:
+    """The examples skipped under on_bad_example='skip' (shared by the pipeline's threads)."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def record(self, name: str, reason: BadExampleError) -> None:
+        with self._lock:
+            self.count += 1
+            count = self.count
+        if count <= _SHOWN_BAD:
+            print(f"Skipping bad example {name}: {reason}"
+                  f"{' (later ones are only counted)' if count == _SHOWN_BAD else ''}",
+                  file=sys.stderr, flush=True)
+
+    def counts(self) -> dict[str, int]:
+        """{'bad_examples': n} once any was skipped, for the log line; else {}."""
+        return {"bad_examples": self.count} if self.count else {}
 
 
 def _read_options() -> grain.ReadOptions:
@@ -41,12 +74,12 @@ def _read_options() -> grain.ReadOptions:
 
 def _local_batch_size(batch_size: int, process_count: int, process_index: int) -> int:
     if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(
+        raise InputError(
             f"batch_size {batch_size} (global) must be a positive multiple of process_count "
             f"{process_count}."
         )
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+        raise InputError(f"process_index {process_index} not in [0, {process_count}).")
     return batch_size // process_count
 
 
@@ -73,29 +106,87 @@ class _BatchMaker:
         global_batch: int,
         local_batch: int,
         process_index: int,
+        name: str = "",
+        on_bad_example: str = "error",
     ):
+        if on_bad_example not in ON_BAD_EXAMPLE:
+            raise InputError(f"on_bad_example={on_bad_example!r}: expected one of "
+                             f"{', '.join(ON_BAD_EXAMPLE)}.")
         self._source, self._preprocess, self._index_of = source, preprocess, index_of
         self._ops_seed = ops_seed
         self._global, self._local = global_batch, local_batch
         self._offset = process_index * local_batch
+        self._name, self._skip = name, on_bad_example == "skip"
+        self.bad_examples = BadExamples()
 
     def positions(self, step: int) -> np.ndarray:
         start = step * self._global + self._offset
         return np.arange(start, start + self._local, dtype=np.int64)
 
+    def describe(self, index: int) -> str:
+        """A person's name for example `index`: its file, else its index in the split."""
+        describe = getattr(self._source, "describe", None)
+        return (describe(index) if describe else None) or f"example {index} of {self._name}"
+
+    def _rng(self, position: int) -> np.random.Generator | None:
+        if not self._preprocess.is_random:
+            return None
+        return np.random.default_rng([self._ops_seed, position])
+
+    def _example(self, position: int, index: int, example: dict | None,
+                 mask: bool | None) -> dict:
+        """The preprocessed example at `index` (read now unless given), or under 'skip' the
+        next readable one in its place (masked out in eval)."""
+        n = len(self._source)
+        for offset in range(_MAX_BAD_IN_A_ROW):
+            candidate = (index + offset) % n
+            try:
+                raw = example if offset == 0 and example is not None else self._source[candidate]
+                if mask is not None:
+                    raw = {**raw, "mask": bool(mask) and offset == 0}
+                return self._preprocess.example(raw, self._rng(position))
+            except BadExampleError as e:
+                if not self._skip:
+                    raise BadExampleError(
+                        f"Bad example {self.describe(candidate)}: {e}. Fix or remove it, or "
+                        "set config.input.on_bad_example='skip' to skip such examples.") from e
+                self.bad_examples.record(self.describe(candidate), e)
+            except InputError:
+                raise
+            except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
+                raise InputError(f"pp {self._preprocess.pp!r} failed on "
+                                 f"{self.describe(candidate)}: {type(e).__name__}: {e}") from e
+        raise InputError(f"{_MAX_BAD_IN_A_ROW} bad examples in a row from "
+                         f"{self.describe(index)}: the data is unreadable, not one example.")
+
     def __call__(self, step: int) -> dict[str, Any]:
         positions = self.positions(step)
         indices, mask = self._index_of(positions)
-        examples = _fetch(self._source, [int(i) for i in indices])
-        if mask is not None:
-            examples = [{**e, "mask": bool(m)} for e, m in zip(examples, mask, strict=True)]
-        pp = self._preprocess
-        rngs = (
-            (np.random.default_rng([self._ops_seed, int(g)]) for g in positions)
-            if pp.is_random
-            else (None for _ in positions)
-        )
-        return pp.collate([pp.example(e, rng) for e, rng in zip(examples, rngs, strict=True)])
+        indices = [int(i) for i in indices]
+        try:
+            examples: list[dict | None] = list(_fetch(self._source, indices))
+        except BadExampleError:
+            examples = [None] * len(indices)  # read one by one to find the bad ones
+        masks = [None] * len(indices) if mask is None else [bool(m) for m in mask]
+        batch = [self._example(int(g), i, e, m)
+                 for g, i, e, m in zip(positions, indices, examples, masks, strict=True)]
+        try:
+            return self._preprocess.collate(batch)
+        except InputError as e:
+            raise InputError(f"{e}{self._odd_one_out(batch, indices)}") from e
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise InputError(f"pp {self._preprocess.pp!r} failed on a batch of {self._name}: "
+                             f"{type(e).__name__}: {e}") from e
+
+    def _odd_one_out(self, batch: list[dict], indices: list[int]) -> str:
+        """' (A is HxWxC, B is ...)': two examples whose shapes differ, by name."""
+        for key in ("image", "audio", "mel"):
+            shapes = [np.shape(e[key]) for e in batch if key in e]
+            if len(set(shapes)) > 1:
+                other = next(k for k, shape in enumerate(shapes) if shape != shapes[0])
+                return (f" ({self.describe(indices[0])} has {key} shape {shapes[0]}, "
+                        f"{self.describe(indices[other])} has {shapes[other]})")
+        return ""
 
 
 class _EpochPermutations:
@@ -130,6 +221,7 @@ class TrainBatches(Iterator[dict]):
         self._make_batch = make_batch
         self._config = config
         self.info = info
+        self.bad_examples = make_batch.bad_examples
         self._step = 0
         self._iterator = None
 
@@ -162,14 +254,14 @@ class TrainBatches(Iterator[dict]):
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues from `state`: the next batch is the one an uninterrupted run would see."""
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"Unsupported train data state version {state.get('version')!r}.")
+            raise InputError(f"Unsupported train data state version {state.get('version')!r}.")
         changed = [
             f"{k}: saved {state.get(k)!r}, now {v!r}"
             for k, v in self._config.items()
             if state.get(k) != v
         ]
         if changed:
-            raise ValueError(
+            raise InputError(
                 f"The train data state is for another input pipeline ({'; '.join(changed)})."
             )
         self._step = int(state["step"])
@@ -181,18 +273,18 @@ def _open(
 ) -> tuple[Sequence, DatasetInfo]:
     source, info = get_source(dataset, split, data_dir)
     if len(source) == 0:
-        raise ValueError(f"Split {split!r} of {dataset!r} is empty.")
+        raise InputError(f"Split {split!r} of {dataset!r} is empty.")
     # Caught here rather than as an odd error from a prefetch thread.
     text = sorted(k for k, f in info.features.items() if f.kind in ("text", "tokens"))
     if text and not preprocess.batch_ops:
-        raise ValueError(
+        raise InputError(
             f"{dataset!r} is a text dataset ({', '.join(text)}): pp needs a tokenize op at the "
             f"end (tokenize(...) or tokenize_words(...)), got {preprocess.pp!r}."
         )
     for op in preprocess.batch_ops:
         key = getattr(op, "reads", None)
         if key is not None and key not in info.features:
-            raise ValueError(
+            raise InputError(
                 f"pp {preprocess.pp!r} tokenizes {key!r}, but {dataset!r} has no such feature "
                 f"(it has {', '.join(sorted(info.features))})."
             )
@@ -209,6 +301,7 @@ def train_batches(
     data_dir: str | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    on_bad_example: str = "error",
 ) -> TrainBatches:
     """This process's share of an infinite, per-epoch reshuffled stream of global batches.
 
@@ -227,6 +320,8 @@ def train_batches(
         batch_size,
         local,
         process_index,
+        name=f"{dataset} {split!r}",
+        on_bad_example=on_bad_example,
     )
     config = {"dataset": dataset, "split": split, "pp": pp, "batch_size": batch_size, "seed": seed}
     return TrainBatches(make_batch, config, info)
@@ -235,14 +330,22 @@ def train_batches(
 class EvalBatches(Iterator[dict]):
     """One pass over a split in padded batches; len() is the number of batches."""
 
-    def __init__(self, make_batch: _BatchMaker, num_batches: int, info: DatasetInfo):
+    def __init__(self, make_batch: _BatchMaker, num_batches: int, info: DatasetInfo,
+                 num_examples: int):
         self._num_batches = num_batches
+        self._make_batch = make_batch
         steps = grain.MapDataset.range(num_batches).map(make_batch)
         self._iterator = iter(steps.to_iter_dataset(_read_options()))
         self.info = info
+        self.num_examples = num_examples
+        self.bad_examples = make_batch.bad_examples
 
     def __len__(self) -> int:
         return self._num_batches
+
+    def batch_at(self, index: int) -> dict[str, Any]:
+        """Batch `index`, computed directly (no prefetching)."""
+        return self._make_batch(index)
 
     def __next__(self) -> dict[str, Any]:
         return next(self._iterator)
@@ -257,6 +360,7 @@ def eval_batches(
     data_dir: str | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    on_bad_example: str = "error",
 ) -> EvalBatches:
     """Every example of `split` exactly once across processes, with 'mask' for real examples."""
     local = _local_batch_size(batch_size, process_count, process_index)
@@ -268,5 +372,6 @@ def eval_batches(
         real = positions < n
         return np.where(real, positions, 0), real
 
-    make_batch = _BatchMaker(source, preprocess, index_of, 0, batch_size, local, process_index)
-    return EvalBatches(make_batch, math.ceil(n / batch_size), info)
+    make_batch = _BatchMaker(source, preprocess, index_of, 0, batch_size, local, process_index,
+                             name=f"{dataset} {split!r}", on_bad_example=on_bad_example)
+    return EvalBatches(make_batch, math.ceil(n / batch_size), info, n)

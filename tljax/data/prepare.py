@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tljax.data import audio, sources
+from tljax.errors import InputError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 OFFLINE_ENV = "TLJAX_OFFLINE"
@@ -126,7 +127,7 @@ def prepare(name: str, data_dir: str | None = None, source: str = "auto") -> str
         _log(f"{name} is read directly from its installed package; nothing to prepare.")
         return name
     if source not in ("auto", "tfds", "local"):
-        raise ValueError(f"source must be 'auto', 'tfds' or 'local', not {source!r}.")
+        raise InputError(f"source must be 'auto', 'tfds' or 'local', not {source!r}.")
     with _lock(data_dir, name.replace("/", "_").replace(":", "_")):
         existing = sources.find_prepared(name, data_dir)
         if existing is not None:
@@ -171,7 +172,7 @@ def _prepare_speech(name: str, data_dir: str) -> str:
 
 def _local_builder(name: str, data_dir: str):
     if name != "fashion_mnist":
-        raise RuntimeError(
+        raise InputError(
             f"Cannot prepare {name!r} offline: only {', '.join(LOCAL_BUILDS)} can be built from "
             f"local files. Connect to the internet and run `python tools/prepare_data.py {name} "
             f"--data_dir={data_dir}`, or copy a prepared (array_record) {name} into {data_dir}, "
@@ -180,7 +181,7 @@ def _local_builder(name: str, data_dir: str):
     files = fashion_mnist_files()
     missing = [str(p) for pair in files.values() for p in pair if not p.exists()]
     if missing:
-        raise RuntimeError(
+        raise InputError(
             f"Cannot build fashion_mnist offline: missing {', '.join(missing)}. "
             "Install them with `apt-get install dataset-fashion-mnist`, or go online."
         )

@@ -35,6 +35,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tljax.data.sources import BadExampleError
+from tljax.errors import InputError
+
 Example = dict[str, Any]
 ExampleOp = Callable[[Example, np.random.Generator], Example]
 Batch = dict[str, Any]
@@ -114,7 +117,7 @@ def _parse_op(spec: str) -> tuple[str, tuple, dict]:
         args = tuple(ast.literal_eval(a) for a in node.args)
         kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
     except (SyntaxError, ValueError) as e:
-        raise ValueError(
+        raise InputError(
             f"Cannot parse preprocessing op {spec!r}: expected name or name(args) with Python "
             f"literal arguments, e.g. resize(32) or value_range(-1, 1) ({e})."
         ) from None
@@ -127,7 +130,7 @@ def _lookup(name: str) -> _Registered:
         return _OPS[name]
     close = difflib.get_close_matches(name, _OPS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(
+    raise InputError(
         f"Unknown preprocessing op {name!r}.{hint} Valid ops: {', '.join(available_ops())}."
     )
 
@@ -144,12 +147,12 @@ class Preprocess:
             name, args, kwargs = _parse_op(spec)
             reg = _lookup(name)
             if self.batch_ops and not reg.batched:
-                raise ValueError(f"{name!r} follows a batch op in {pp!r}; batch ops such as "
+                raise InputError(f"{name!r} follows a batch op in {pp!r}; batch ops such as "
                                  "tokenize must come last.")
             try:
                 op = reg.factory(*args, **kwargs)
-            except TypeError as e:
-                raise ValueError(f"Bad arguments for preprocessing op {spec!r}: {e}") from None
+            except (TypeError, ValueError) as e:
+                raise InputError(f"Bad arguments for preprocessing op {spec!r}: {e}") from None
             self.is_random |= bool(getattr(op, "is_random", reg.random))
             (self.batch_ops if reg.batched else self.example_ops).append(op)
 
@@ -165,7 +168,7 @@ class Preprocess:
         keys = list(examples[0])
         for i, example in enumerate(examples[1:], 1):
             if list(example) != keys:
-                raise ValueError(f"Examples 0 and {i} of a batch have different keys "
+                raise InputError(f"Examples 0 and {i} of a batch have different keys "
                                  f"({sorted(keys)} vs {sorted(example)}); make every example "
                                  "produce the same keys (e.g. with keep(...)).")
         batch = {key: stack(key, [e[key] for e in examples]) for key in keys}
@@ -196,7 +199,7 @@ def stack(key: str, values: list[Any]) -> np.ndarray:
                                              and len({np.shape(v) for v in values}) > 1):
         if key in _SAME_SHAPE:
             shapes = sorted({np.shape(v) for v in values})
-            raise ValueError(f"Cannot batch {key!r} arrays of different shapes {shapes}: "
+            raise InputError(f"Cannot batch {key!r} arrays of different shapes {shapes}: "
                              f"{_SAME_SHAPE[key]}.")
         out = np.empty(len(values), dtype=object)
         out[:] = [np.asarray(v) if not isinstance(v, (list, tuple)) else v for v in values]
@@ -271,7 +274,10 @@ def decode() -> ExampleOp:
         del rng
         out = dict(example)
         if isinstance(out.get("image"), bytes):
-            out["image"] = decode_image(out["image"])
+            try:
+                out["image"] = decode_image(out["image"])
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: unreadable or truncated
+                raise BadExampleError(f"cannot decode its image ({e})") from e
         if isinstance(out.get("text"), bytes):
             out["text"] = out["text"].decode("utf-8")
         return out

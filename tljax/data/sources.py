@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import logging
 import math
 import os
 import re
@@ -36,11 +37,27 @@ import numpy as np
 from tljax.errors import InputError
 
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+class _NoOpenCvAdvice(logging.Filter):
+    """TFDS advises installing OpenCV when it first decodes an image with PIL; PIL is what
+    this pipeline uses (and measured), so the advice is noise on every run's console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "OpenCV is not installed" not in str(record.msg)
+
+
+logging.getLogger("absl").addFilter(_NoOpenCvAdvice())
 _SPLIT_RE = re.compile(r"^\s*([\w-]+)\s*(?:\[(.*)\])?\s*$")
 
 
 class DatasetNotPreparedError(InputError):
     """The dataset is not in data_dir; the message holds the command that prepares it."""
+
+
+class BadExampleError(InputError):
+    """One example cannot be read or decoded (a corrupt or truncated file); the message says
+    why, and the input pipeline adds which example it is (`config.input.on_bad_example`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +121,7 @@ def parse_split(split: str) -> tuple[str, str | None]:
     """'train[:98%]' -> ('train', ':98%'); 'test' -> ('test', None)."""
     match = _SPLIT_RE.match(split)
     if not match:
-        raise ValueError(
+        raise InputError(
             f"Bad split {split!r}: expected a name with an optional slice, e.g. 'train', "
             "'train[:98%]', 'train[98%:]', 'train[:1000]'."
         )
@@ -120,7 +137,8 @@ def _boundary(text: str, n: int, split: str) -> int | None:
             return math.floor(float(text[:-1]) * n / 100 + 0.5)
         return int(text)
     except ValueError:
-        raise ValueError(f"Bad slice boundary {text!r} in split {split!r}.") from None
+        raise InputError(f"Bad slice boundary {text!r} in split {split!r}: use an integer or "
+                         "a percentage, e.g. 'train[:90%]' or 'train[:1000]'.") from None
 
 
 def slice_indices(spec: str | None, n: int, split: str = "") -> range:
@@ -128,7 +146,7 @@ def slice_indices(spec: str | None, n: int, split: str = "") -> range:
     if spec is None:
         return range(n)
     if spec.count(":") != 1:
-        raise ValueError(f"Bad split slice {split!r}: use [start:stop], e.g. [:98%] or [:1000].")
+        raise InputError(f"Bad split slice {split!r}: use [start:stop], e.g. [:98%] or [:1000].")
     start, stop = (_boundary(part, n, split) for part in spec.split(":"))
     return range(n)[slice(start, stop)]
 
@@ -151,6 +169,10 @@ class IndexedSource(Sequence):
             return list(self._base.__getitems__(mapped))
         return [self._base[i] for i in mapped]
 
+    def describe(self, i: int) -> str | None:
+        describe = getattr(self._base, "describe", None)
+        return describe(self._indices[i]) if describe else None
+
 
 class ConcatSource(Sequence):
     """Several sources one after the other (a split spelt 'train[:800]+validation[:200]')."""
@@ -169,6 +191,11 @@ class ConcatSource(Sequence):
     def __getitems__(self, indices: Sequence[int]) -> list:
         return [self[i] for i in indices]
 
+    def describe(self, i: int) -> str | None:
+        part = int(np.searchsorted(self._starts, i, side="right")) - 1
+        describe = getattr(self._parts[part], "describe", None)
+        return describe(i - int(self._starts[part])) if describe else None
+
 
 def select_split(
     name: str, splits: dict[str, Sequence], split: str, make_info
@@ -178,11 +205,14 @@ def select_split(
     for one in split.split("+"):
         base, spec = parse_split(one)
         if base not in splits:
-            raise ValueError(
-                f"Dataset {name!r} has no split {base!r}; available: "
-                f"{', '.join(sorted(splits))}."
+            raise InputError(
+                f"Dataset {name!r} has no split {base!r}{closest_hint(base, list(splits))}; "
+                f"available: {', '.join(sorted(splits))}."
             )
         indices = slice_indices(spec, len(splits[base]), one)
+        if not indices:
+            raise InputError(f"Split {one!r} of {name!r} selects no examples (the split has "
+                             f"{len(splits[base])}).")
         parts.append(splits[base] if spec is None else IndexedSource(splits[base], indices))
     sizes = {k: len(v) for k, v in splits.items()}
     source = parts[0] if len(parts) == 1 else ConcatSource(parts)
@@ -237,7 +267,27 @@ def prepare_command(name: str, data_dir: str) -> str:
     return f"python tools/prepare_data.py {name} --data_dir={data_dir}"
 
 
-def _not_prepared(name: str, data_dir: str) -> DatasetNotPreparedError:
+def _unknown_dataset(name: str, data_dir: str) -> InputError | None:
+    """An error for a name that is neither registered nor in the TFDS catalog, else None."""
+    import tensorflow_datasets as tfds
+
+    base = name.partition(":")[0].split("/")[0]
+    catalog = tfds.list_builders(with_community_datasets=False)
+    if base in catalog:
+        return None
+    registered = registered_names()
+    prepared = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir()
+                      and not p.name.startswith(".")) if Path(data_dir).is_dir() else []
+    hint = closest_hint(name, [*registered, *prepared]) or closest_hint(base, catalog)
+    return InputError(
+        f"Unknown dataset {name!r}{hint}: expected a TFDS catalog name (prepared with "
+        f"tools/prepare_data.py), one of {', '.join(registered)}.")
+
+
+def _not_prepared(name: str, data_dir: str) -> InputError:
+    unknown = _unknown_dataset(name, data_dir)
+    if unknown is not None:
+        return unknown
     root, _ = _dataset_dir(name, data_dir)
     other = ""
     if root.is_dir() and any(root.rglob("*.tfrecord*")):
@@ -420,6 +470,10 @@ def get_source(
     prefix, sep, argument = dataset.partition(":")
     if sep and prefix in _PREFIXED:
         return _PREFIXED[prefix](argument, split, data_dir)
+    if sep and "/" in argument:  # 'foldr:/data/x': a prefix that does not exist
+        raise InputError(f"Unknown dataset prefix {prefix + ':'!r} in {dataset!r}"
+                         f"{closest_hint(prefix, list(_PREFIXED))}; known prefixes: "
+                         f"{', '.join(p + ':' for p in sorted(_PREFIXED))}.")
     if dataset in _NAMED:
         return _NAMED[dataset](argument, split, data_dir)
     return _tfds_source(dataset, split, resolve_data_dir(data_dir))

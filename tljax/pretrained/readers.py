@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tljax.errors import InputError
+from tljax.errors import InputError, MissingFileError
 
 
 class OfflineError(InputError, ConnectionError):
@@ -38,19 +38,27 @@ class UnsafeCheckpointError(InputError):
     """A checkpoint would need arbitrary code execution to load."""
 
 
+class UnreadableCheckpointError(InputError):
+    """A checkpoint file is damaged, truncated or not of the format its name says."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Local files.
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a `.safetensors` file as numpy arrays (bfloat16 widened to float32)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     out = {}
     try:
         with safe_open(str(path), framework="numpy") as f:
             for name in f.keys():
                 out[name] = f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise UnreadableCheckpointError(
+            f"{path} is not a readable .safetensors file ({e}): it is damaged or truncated, or "
+            "another format; download or convert it again.") from e
     except TypeError:  # bfloat16 has no numpy dtype: go through torch when it is there
         torch = _import_torch(path)
         with safe_open(str(path), framework="pt") as f:
@@ -61,6 +69,11 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All arrays of an `.npz` file; object arrays (which need pickle) are refused."""
+    # np.load reads anything that is neither an .npz (zip) nor an .npy file as a pickle.
+    if not zipfile.is_zipfile(path):
+        raise UnreadableCheckpointError(
+            f"{path} is not an .npz archive (damaged, truncated or another format); download "
+            "or convert it again.")
     try:
         with np.load(str(path), allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
@@ -111,18 +124,29 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
     torch = _import_torch(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # the restricted unpickler met a non-allowed global
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not an object it refused: bytes it cannot read
+            raise UnreadableCheckpointError(
+                f"{path} is not a readable PyTorch checkpoint (damaged, truncated or another "
+                "format); download or save it again.") from e
+        # The restricted unpickler met a global (a class or function) it does not allow.
         raise UnsafeCheckpointError(
             f"Refusing to load {path}: it needs arbitrary code execution to unpickle "
             f"(only tensors and plain containers are allowed). If you trust the file, "
-            f"re-save its state_dict() as .safetensors. Details: {str(e)[:300]}") from e
+            f"re-save its state_dict() as .safetensors. Details: "
+            f"{' '.join(str(e).split())[:300]}") from e
+    except (RuntimeError, EOFError) as e:  # a truncated zip archive or pickle stream
+        raise UnreadableCheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]}): "
+            "it is damaged or truncated; download or save it again.") from e
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict", "model_state"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors.")
+        raise UnreadableCheckpointError(f"{path} holds a {type(obj).__name__}, not a state "
+                                        "dict of tensors.")
     return {name: _torch_to_numpy(torch, t) for name, t in _flatten_state_dict(obj).items()}
 
 
@@ -138,7 +162,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Dispatch on the file type: .safetensors, .npz, or a PyTorch file (.pth/.pt/.bin)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"No checkpoint file at {path}.")
+        raise MissingFileError(f"No checkpoint file at {path}.")
     if path.is_dir():
         index = path / "model.safetensors.index.json"
         if index.exists():  # sharded: {"weight_map": {tensor name: shard file}}
@@ -149,7 +173,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
                 return read_weights(path / name)
-        raise FileNotFoundError(f"{path} is a directory without model.safetensors or "
+        raise MissingFileError(f"{path} is a directory without model.safetensors or "
                                 "pytorch_model.bin; pass the weights file itself.")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
@@ -158,7 +182,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return read_npz(path)
     if suffix in (".pth", ".pt", ".bin", ".ckpt") or zipfile.is_zipfile(path):
         return read_torch(path)
-    raise ValueError(f"Unknown checkpoint type {path.name!r}: expected .safetensors, .npz, "
+    raise InputError(f"Unknown checkpoint type {path.name!r}: expected .safetensors, .npz, "
                      ".pth/.pt/.bin (PyTorch) or a tljax checkpoint directory.")
 
 
