@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
     forward = features.head_forward(model) if cached else model_forward(model)
     phases = Phases(config, plan, forward, task.loss, mesh, variable_shardings, total_steps,
-                    every["warmup"] or 0)
+                    every["warmup"] or 0, prepare=task.train_batch)
     # A checkpoint's optimizer state is that of the phase of its last update.
     phase_at = lambda step: phases.get(plan.index_at(max(step - 1, 0)))  # noqa: E731
 
@@ -283,17 +283,21 @@ def model_forward(model: Any) -> Forward:
 
 
 def make_train_step(forward: Forward, loss_fn: Callable[[Any, dict], jnp.ndarray],
-                    tx: optax.GradientTransformation, trainable: Any
+                    tx: optax.GradientTransformation, trainable: Any,
+                    prepare: Callable[[dict, jax.Array], dict] | None = None
                     ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """One update: state -> state with the trainable leaves moved by `tx`.
 
-    Frozen leaves (trainable False) enter the loss through `stop_gradient`, so no gradient
-    reaches them and XLA drops the backward pass of a fully frozen prefix; they are
-    returned as they came (bitwise unchanged, not p + 0).
+    `prepare(batch, rng)` is the task's `train_batch` (label smoothing, mixup, ...), drawn
+    from its own stream of the step's RNG. Frozen leaves (trainable False) enter the loss
+    through `stop_gradient`, so no gradient reaches them and XLA drops the backward pass of
+    a fully frozen prefix; they are returned as they came (bitwise unchanged, not p + 0).
     """
 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
         step_rng = jax.random.fold_in(state["rng"], state["step"])
+        if prepare is not None:
+            batch = prepare(batch, jax.random.fold_in(step_rng, 1))
 
         def loss_of(params: Any) -> tuple[jnp.ndarray, dict]:
             params = jax.tree_util.tree_map(
@@ -343,8 +347,9 @@ class Phases:
 
     def __init__(self, config: ml_collections.ConfigDict, plan: freeze.Plan, forward: Forward,
                  loss_fn: Any, mesh: Any, variable_shardings: dict, total_steps: int,
-                 warmup_steps: int):
+                 warmup_steps: int, prepare: Callable[[dict, jax.Array], dict] | None = None):
         self._config, self._plan, self._forward, self._loss_fn = config, plan, forward, loss_fn
+        self._prepare = prepare
         self._mesh, self._shardings = mesh, variable_shardings
         self._total, self._warmup = total_steps, warmup_steps
         self._built: dict[int, CompiledPhase] = {}
@@ -370,7 +375,8 @@ class Phases:
                            "model_state": {k: v for k, v in self._shardings.items()
                                            if k != "params"},
                            "opt_state": opt_shardings, "rng": sharding.replicated(mesh)}
-        step = jax.jit(make_train_step(self._forward, self._loss_fn, tx, trainable),
+        step = jax.jit(make_train_step(self._forward, self._loss_fn, tx, trainable,
+                                       self._prepare),
                        donate_argnums=(0,),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
         sizes = {n: int(np.prod(x.shape)) for n, x in tree.flatten(param_shapes).items()}

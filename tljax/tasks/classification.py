@@ -202,6 +202,9 @@ def mix_batch(batch: Batch, target_key: str, draw: jax.Array, box: jax.Array, mi
     `use_cutmix` (a traced bool) picks cutmix when both are on; with one of them on, that
     one is used.
     """
+    if "image" not in batch:
+        raise InputError(f"task.mixup / task.cutmix mix batch['image'], but the training "
+                         f"batch has {sorted(batch)} (cached features cannot be mixed).")
     images, targets = batch["image"], batch[target_key]
     other_images, other_targets = jnp.roll(images, 1, axis=0), jnp.roll(targets, 1, axis=0)
     if not cutmix:
