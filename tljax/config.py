@@ -41,6 +41,8 @@ TOP_LEVEL = {
     "unfreeze_warmup_steps": "lr re-warmup of a group unfrozen mid-run (None: warmup length)",
     "cache_features": "linear probe on backbone features computed once into WORKDIR/features",
     "compute_dtype": "'float32' or 'bfloat16' (parameters stay float32)",
+    "accum_steps": "split each batch into this many microbatches, gradients accumulated inside "
+                   "the step (input.batch_size stays the batch of one update)",
     "mesh": "list of (axis name, size) for the device mesh, -1 takes the remaining devices",
     "sharding_rules": "list of (regex, 'replicate' | 'fsdp') deciding parameter sharding",
     "keep_checkpoints": "number of checkpoints kept in WORKDIR/checkpoints",
@@ -132,6 +134,14 @@ def validate(config: ml_collections.ConfigDict, model_fields: Iterable[str]) -> 
         if key not in valid:
             raise ConfigError(f"Unknown config key 'optim.{key}' for optax.{name}"
                               f"{closest(key, valid)}.")
+    accum = config.get("accum_steps")
+    if accum is not None:
+        batch_size = (config.get("input") or {}).get("batch_size")
+        if not isinstance(accum, int) or accum < 1:
+            raise ConfigError(f"config.accum_steps={accum!r}: expected a positive integer.")
+        if batch_size and batch_size % accum:
+            raise ConfigError(f"input.batch_size={batch_size} is not divisible by "
+                              f"accum_steps={accum}: each microbatch needs the same size.")
     for prefix in DURATIONS:
         given = [f"{prefix}_{u}" for u in UNITS if config.get(f"{prefix}_{u}") is not None]
         if len(given) > 1:

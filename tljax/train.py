@@ -24,8 +24,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from tljax import accumulate, data, features, freeze, models, optim, outputs, sharding, tasks, tree
 from tljax import config as config_lib
-from tljax import data, features, freeze, models, optim, outputs, sharding, tasks, tree
 from tljax.checkpoint import RunCheckpoints
 from tljax.models import lora
 from tljax.pretrained import loading
@@ -215,26 +215,28 @@ def model_forward(model: Any) -> Forward:
 
 
 def make_train_step(forward: Forward, loss_fn: Callable[[Any, dict], jnp.ndarray],
-                    tx: optax.GradientTransformation, trainable: Any
+                    tx: optax.GradientTransformation, trainable: Any, accum_steps: int = 1
                     ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """One update: state -> state with the trainable leaves moved by `tx`.
 
     Frozen leaves (trainable False) enter the loss through `stop_gradient`, so no gradient
     reaches them and XLA drops the backward pass of a fully frozen prefix; they are
-    returned as they came (bitwise unchanged, not p + 0).
+    returned as they came (bitwise unchanged, not p + 0). With accum_steps > 1 the batch
+    goes through the model in that many microbatches (`tljax.accumulate`).
     """
 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
         step_rng = jax.random.fold_in(state["rng"], state["step"])
 
-        def loss_of(params: Any) -> tuple[jnp.ndarray, dict]:
+        def loss_of(params: Any, model_state: dict, batch: dict, rng: jax.Array
+                    ) -> tuple[jnp.ndarray, dict]:
             params = jax.tree_util.tree_map(
                 lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-            outputs, new_model_state = forward(params, state["model_state"], batch, step_rng)
+            outputs, new_model_state = forward(params, model_state, batch, rng)
             return loss_fn(outputs, batch), new_model_state
 
-        (loss, new_model_state), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state["params"])
+        (loss, new_model_state), grads = accumulate.value_and_grad(loss_of, accum_steps)(
+            state["params"], state["model_state"], batch, step_rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree_util.tree_map(lambda p, u, t: p + u.astype(p.dtype) if t else p,
                                         state["params"], updates, trainable)
@@ -296,7 +298,8 @@ class Phases:
                            "model_state": {k: v for k, v in self._shardings.items()
                                            if k != "params"},
                            "opt_state": opt_shardings, "rng": sharding.replicated(mesh)}
-        step = jax.jit(make_train_step(self._forward, self._loss_fn, tx, trainable),
+        step = jax.jit(make_train_step(self._forward, self._loss_fn, tx, trainable,
+                                       self._config.get("accum_steps") or 1),
                        donate_argnums=(0,),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
         sizes = {n: int(np.prod(x.shape)) for n, x in tree.flatten(param_shapes).items()}
