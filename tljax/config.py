@@ -44,7 +44,8 @@ TOP_LEVEL = {
     "accum_steps": "split each batch into this many microbatches, gradients accumulated inside "
                    "the step (input.batch_size stays the batch of one update)",
     "mesh": "list of (axis name, size) for the device mesh, -1 takes the remaining devices",
-    "sharding_rules": "list of (regex, 'replicate' | 'fsdp') deciding parameter sharding",
+    "sharding_rules": "list of (regex, 'replicate' | 'fsdp' | PartitionSpec tuple) deciding "
+                      "parameter sharding (tljax.sharding; tensor_parallel(family) for Megatron)",
     "keep_checkpoints": "number of checkpoints kept in WORKDIR/checkpoints",
     "expected": "published number this recipe reproduces: metric (a key of the final eval "
                 "metrics, compared in %), value, tolerance, source",
