@@ -26,7 +26,8 @@ TOP_LEVEL = {
     "model_name": "model family: vit, resnet, resnetv2, vgg, efficientnet_lite or bert",
     "model": "keyword arguments of the model family (checked against its constructor)",
     "init": "pretrained initialisation: source, path, dont_load regexes, arch, step",
-    "input": "training data: dataset, split, pp, batch_size, data_dir",
+    "input": "training data: dataset, split, pp, batch_size, data_dir, workers (processes "
+             "building batches; 0: threads)",
     "eval": "evaluation data: split, pp, batch_size (dataset and data_dir from input)",
     "task": "what is predicted: name (classification, token_classification, ...) + its options",
     "optim": "optimizer: name ('sgd' or 'adamw') plus that optax function's arguments",
@@ -58,7 +59,7 @@ for _prefix in DURATIONS:
         TOP_LEVEL[f"{_prefix}_{_unit}"] = f"{_prefix.replace('_', ' ')} duration in {_unit}"
 
 SECTIONS = {
-    "input": {"dataset", "data_dir", "split", "pp", "batch_size"},
+    "input": {"dataset", "data_dir", "split", "pp", "batch_size", "workers"},
     "eval": {"split", "pp", "batch_size"},
     "init": {"source", "path", "dont_load", "arch", "step"},
     "lr_schedule": {"decay_type", "linear_end"},

@@ -69,7 +69,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter = data.train_batches(
         dataset=config.input.dataset, split=config.input.split, pp=config.input.pp,
         batch_size=batch_size, seed=config.seed, data_dir=config.input.get("data_dir"),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        workers=config.input.get("workers"))
 
     def global_batch(local_batch: dict) -> dict:
         # Strings and ragged lists (object arrays) stay on the host.
@@ -80,10 +81,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # dataset's features; the model is the backbone with the task's head attached as `head`.
     task = tasks.build_task(config.get("task"), info)
     model = models.from_config(config, task)
-    start_state = train_iter.get_state()
     sample = models.inputs_of(model, {k: np.asarray(v)[:1] for k, v in
-                                      next(train_iter).items()})
-    train_iter.set_state(start_state)
+                                      train_iter.batch_at(0).items()})
 
     # Initialised straight into its shardings: eval_shape gives the tree without
     # computing it, the jitted init writes each shard where it lives.
