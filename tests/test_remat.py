@@ -68,6 +68,31 @@ def test_bert_remat_gives_identical_gradients():
         np.testing.assert_array_equal(remat[name], g, err_msg=name)
 
 
+@pytest.mark.slow  # ResNet-18 compiled twice: ~30 s on 2 idle cores
+def test_resnet_remat_with_batch_statistics_gives_identical_gradients_and_stats():
+    from tljax.models import resnet
+
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+
+    def grads(remat):
+        model = resnet.make(depth=18, bn_update=True, remat=remat)
+        variables = model.init(jax.random.PRNGKey(1), images)
+
+        def loss(p):
+            (features, _), new_state = model.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]}, images, train=True,
+                mutable=["batch_stats"])
+            return jnp.sum(features**2), new_state
+
+        return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+    (plain, plain_stats), (rematted, remat_stats) = grads(None), grads("full")
+    for name, g in tree.flatten(plain).items():
+        np.testing.assert_array_equal(tree.flatten(rematted)[name], g, err_msg=name)
+    for name, s in tree.flatten(plain_stats).items():
+        np.testing.assert_array_equal(tree.flatten(remat_stats)[name], s, err_msg=name)
+
+
 def test_unknown_remat_policy_is_refused():
     with pytest.raises(ValueError, match="expected None or one of"):
         vit.make(**VIT, remat="most").init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
