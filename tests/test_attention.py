@@ -66,6 +66,8 @@ def test_unknown_implementation_and_cudnn_dropout_are_refused():
         attn.attention(x, x, x, implementation="flash")
     with pytest.raises(ValueError, match="attention_dropout to 0"):
         attn.attention(x, x, x, implementation="cudnn", dropout=lambda p: p)
+    with pytest.raises(ValueError, match="set compute_dtype='bfloat16'"):
+        attn.attention(x, x, x, implementation="cudnn")
 
 
 def test_layer_has_flax_parameters_initial_values_and_outputs():

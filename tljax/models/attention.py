@@ -86,6 +86,9 @@ def attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
         implementation = "reference"
     if implementation == "reference":
         return reference_attention(query, key, value, mask, dropout)
+    if implementation == "cudnn" and query.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention='cudnn' needs bfloat16 or float16 inputs, got "
+                         f"{query.dtype}: set compute_dtype='bfloat16' or attention='xla'.")
     return jax.nn.dot_product_attention(query, key, value, mask=_as_4d_mask(mask),
                                         implementation=implementation)
 
