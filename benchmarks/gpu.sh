@@ -38,6 +38,8 @@ export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # A fresh compilation cache: compile times are part of what is reported.
 export TLJAX_COMPILATION_CACHE=$(mktemp -d)
 export TF_CPP_MIN_LOG_LEVEL=2
+# JAX and torch share the GPU in the step benchmark: no 75% preallocation by JAX.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 part() {  # part NAME SECONDS_NEEDED COMMAND...
