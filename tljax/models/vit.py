@@ -15,7 +15,8 @@ Speed and memory options, none of which changes the function computed:
              The blocks' parameters are then stacked along a leading depth axis under
              `Transformer/encoderblock/...` (big_vision's scanned layout); `scan_params` and
              `unscan_params` convert between the two layouts, and pretrained checkpoints are
-             converted on loading. Freeze presets and LLRD see the stack as one block group.
+             converted on loading. Freeze presets and LLRD see the stack as one block group;
+             LoRA adapters and the HF/timm export expect the unscanned layout.
 """
 
 from __future__ import annotations
