@@ -71,6 +71,29 @@ def test_fast_jpeg_decoder_gives_pil_pixels():
     assert preprocess.decode_image(cmyk.getvalue()).shape == (512, 512, 3)
 
 
+def test_in_place_pixel_ops_are_bitwise_the_formulas():
+    """value_range and normalize work in place on one copy; the numbers must not change."""
+    rng = np.random.default_rng(0)
+    images = {"uint8": rng.integers(0, 256, (32, 24, 3), dtype=np.uint8),
+              "float32": rng.uniform(-3, 300, (32, 24, 3)).astype(np.float32)}
+    for name, image in images.items():
+        before = image.copy()
+        out = preprocess.value_range(-1, 1)({"image": image}, None)["image"]
+        expected = (image.astype(np.float32) - 0) * np.float32(2 / 255) + np.float32(-1)
+        assert out.tobytes() == expected.tobytes(), name
+        out = preprocess.value_range(0, 1, in_min=-80, in_max=0, clip_values=True)(
+            {"image": image}, None)["image"]
+        expected = np.clip((image.astype(np.float32) + 80) * np.float32(1 / 80)
+                           + np.float32(0), 0, 1)
+        assert out.tobytes() == expected.tobytes(), name
+        mean, std = np.asarray([0.485, 0.456, 0.406], np.float32), np.asarray(
+            [0.229, 0.224, 0.225], np.float32)
+        out = preprocess.normalize(mean, std)({"image": image}, None)["image"]
+        x = image.astype(np.float32) * (np.float32(1 / 255) if name == "uint8" else 1)
+        assert out.tobytes() == ((x - mean) * (1 / std)).tobytes(), name
+        np.testing.assert_array_equal(image, before)  # the input is never written
+
+
 def _take(iterator, n):
     return [next(iterator) for _ in range(n)]
 

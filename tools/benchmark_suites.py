@@ -364,6 +364,28 @@ def _decoders(files: list[Path]) -> dict[str, float]:
     return out
 
 
+def _op_costs(files: list[Path], pp: str) -> dict[str, float]:
+    """Milliseconds per example of each stage of `pp` in one thread: reading + decoding the
+    file, each example op, and collation (stacking the batch)."""
+    from tljax.data.preprocess import Preprocess, decode_image
+
+    preprocess = Preprocess(pp)
+    names = [spec.split("(")[0] for spec in pp.split("|")]
+    rng = np.random.default_rng(0)
+    costs = collections.defaultdict(float)
+    start = time.perf_counter()
+    examples = [{"image": decode_image(f), "label": 0} for f in files]
+    costs["read + decode"] = time.perf_counter() - start
+    for name, op in zip(names, preprocess.example_ops, strict=True):
+        start = time.perf_counter()
+        examples = [op(e, rng) for e in examples]
+        costs[name] += time.perf_counter() - start
+    start = time.perf_counter()
+    preprocess.collate(examples)
+    costs["collate"] = time.perf_counter() - start
+    return {k: 1e3 * v / len(files) for k, v in costs.items()}
+
+
 def input_suite(args: Any) -> dict[str, Any]:
     from tljax import data
 
@@ -377,6 +399,9 @@ def input_suite(args: Any) -> dict[str, Any]:
         print("decode ms/image:", {k: round(v, 2) for k, v in
                                   results["decode_ms_per_image"].items()}, flush=True)
         pp = f"decode|inception_crop({args.res})|flip_lr|value_range(-1, 1)"
+        results["ms_per_example_by_op"] = _op_costs(files[:64], pp)
+        print("ms/example by op:", {k: round(v, 2) for k, v in
+                                    results["ms_per_example_by_op"].items()}, flush=True)
         for count in workers:
             batches = data.train_batches(dataset=f"folder:{root}", split="train", pp=pp,
                                          batch_size=args.batch, seed=0, workers=count)
@@ -414,4 +439,6 @@ def input_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {label} | {r['examples_per_s']:.0f} | {ratio} |")
     decode = ", ".join(f"{k} {v:.2f} ms" for k, v in results["decode_ms_per_image"].items())
     lines.append(f"\nJPEG decoding alone, per image: {decode}.")
+    ops = ", ".join(f"{k} {v:.2f}" for k, v in results["ms_per_example_by_op"].items())
+    lines.append(f"\nOne thread, ms per example by stage: {ops}.")
     return "\n".join(lines)

@@ -202,7 +202,7 @@ def stack(key: str, values: list[Any]) -> np.ndarray:
         return out
     array = np.asarray(values) if not isinstance(first, np.ndarray) else np.stack(values)
     if key == "image":
-        return array.astype(np.float32)
+        return array.astype(np.float32, copy=False)  # np.stack made a fresh array already
     if array.dtype.kind in "iu" and array.dtype != np.int32:
         return array.astype(np.int32)
     if array.dtype == np.float64:
@@ -428,8 +428,13 @@ def value_range(
     scale = (vmax - vmin) / (in_max - in_min)
 
     def fn(image: np.ndarray) -> np.ndarray:
-        out = (image.astype(np.float32) - in_min) * np.float32(scale) + np.float32(vmin)
-        return np.clip(out, vmin, vmax) if clip_values else out
+        # (x - in_min) * scale + vmin in float32, in place on one copy: the same roundings as
+        # the expression with temporaries, at a fraction of the memory traffic.
+        out = image.astype(np.float32)
+        out -= in_min
+        out *= np.float32(scale)
+        out += np.float32(vmin)
+        return np.clip(out, vmin, vmax, out=out) if clip_values else out
 
     return _on_image(fn)
 
@@ -447,7 +452,9 @@ def normalize(mean: float | Sequence[float], std: float | Sequence[float]) -> Ex
         x = image.astype(np.float32)
         if image.dtype == np.uint8:
             x *= np.float32(1 / 255)
-        return (x - mean_) * inv_std
+        x -= mean_
+        x *= inv_std
+        return x
 
     return _on_image(fn)
 
