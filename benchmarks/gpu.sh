@@ -67,8 +67,8 @@ part step 200 "$PY" $STEP --attention=cudnn --torch_compile
 part input 50 "$PY" tools/benchmark.py --suite=input --workers=0,1,2,4,8,16 --batch=256 \
   --images=512 --steps=6 --out="$OUT"
 part step_xla_attention 45 "$PY" $STEP --attention=xla --systems=tljax --tag=_xla_attention
-part memory 60 "$PY" tools/benchmark.py --suite=memory --model=L/16 --batch=128 \
-  --dtype=bfloat16 --attention=cudnn --remat=none,full,dots_no_batch --out="$OUT"
+part memory 90 "$PY" tools/benchmark.py --suite=memory --model=L/16 --batch=128 \
+  --dtype=bfloat16 --attention=cudnn --remat=none,full --scan --out="$OUT"
 # Candidate XLA flags for one GPU (README, "Performance"): each in its own process.
 part flags_no_triton_gemm 45 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
   "$PY" $STEP --attention=cudnn --systems=tljax --tag=_flags_no_triton_gemm

@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention", default="xla", help="xla | cudnn | reference")
     parser.add_argument("--remat", default=None, help="policy (step) or comma list (memory)")
-    parser.add_argument("--scan", action="store_true", help="memory: also scanned blocks")
+    parser.add_argument("--scan", action="store_true",
+                        help="memory: every policy also with scanned blocks")
     parser.add_argument("--accum_steps", type=int, default=1, help="memory: microbatches")
     parser.add_argument("--systems", default="tljax,tljax_lp,tljax_forward,timm,timm_compile",
                         help="step: which of tljax, tljax_lp, tljax_forward, timm, timm_compile")
