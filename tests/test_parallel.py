@@ -5,7 +5,8 @@ every head count divides the axes) with SGD from the same parameters on the same
 one device and on meshes (data, fsdp, model) = (2, 2, 2) and (1, 1, 8) with
 `tensor_parallel('vit') + [('.*', 'fsdp')]`, through the trainer's own sharding and step
 (`train.variable_shardings_of`, `train.Phases`). It also saves a checkpoint on (2, 2, 2) and
-restores it on (1, 1, 8) and on one device. Tolerances (float32, SGD): losses within 1e-5 of
+restores it on (1, 1, 8) and on one device, and compares a BERT's loss and gradients with
+the BERT rules on (1, 1, 8) against one device. Tolerances (float32, SGD): losses within 1e-5 of
 the single-device curve (sharded matmuls only reorder sums; measured ~1e-7); a restored state
 equals the saved one bitwise.
 """
@@ -107,6 +108,31 @@ for name in ("1x1x8", "single"):
         tree.flatten(restored["params"])["head/kernel"].sharding.mesh.shape)
     _, result["resumed_" + name] = run(mesh, phase, restored, range(3, 6))
 
+# BERT with the BERT rules: loss and gradients on (1, 1, 8) against one device.
+bert = classifier("bert", 3, head_zeroinit=False, vocab_size=50, hidden_size=64, num_layers=2,
+                  num_heads=8, intermediate_size=128, dropout=0.0, attention_dropout=0.0)
+ids = rng.integers(1, 50, (8, 12)).astype(np.int32)
+mask = (np.arange(12)[None] < rng.integers(3, 13, (8, 1))).astype(np.int32)
+tokens = {"input_ids": ids, "attention_mask": mask, "label": (ids[:, 0] % 3).astype(np.int32)}
+bert_params = jax.device_get(bert.init(jax.random.PRNGKey(0), {k: v[:1] for k, v in
+                                                                 tokens.items()})["params"])
+bert_loss = lambda p, b: loss_fn(bert.apply({"params": p}, b), b)
+grads = {}
+for name in ("single", "1x1x8"):
+    axes = MESHES[name]
+    mesh = sharding.make_mesh(axes, jax.devices()[:int(np.prod([s for _, s in axes]))])
+    shardings = sharding.param_shardings(bert_params, mesh,
+                                         sharding.tensor_parallel("bert") + [(".*", "fsdp")])
+    params = jax.device_put(bert_params, shardings)
+    loss, g = jax.jit(jax.value_and_grad(bert_loss))(
+        params, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+    grads[name] = (float(loss), tree.flatten(jax.device_get(g)))
+    result["bert_query_shard_" + name] = list(tree.flatten(params)[
+        "encoder/layer_0/attention/query/kernel"].addressable_shards[0].data.shape)
+result["bert_loss_diff"] = abs(grads["single"][0] - grads["1x1x8"][0])
+result["bert_grad_diff"] = max(float(np.abs(grads["single"][1][n] - v).max())
+                               for n, v in grads["1x1x8"][1].items())
+
 from tljax.config import ConfigError
 try:
     sharding.param_shardings({"w": jax.ShapeDtypeStruct((3, 4), np.float32)},
@@ -165,6 +191,13 @@ def test_checkpoints_restore_across_meshes(parallel):
         assert parallel[f"restore_equal_{name}"], name
         np.testing.assert_allclose(parallel[f"resumed_{name}"], single[3:], rtol=0, atol=1e-5)
     assert parallel["restore_mesh_1x1x8"] == {"data": 1, "fsdp": 1, "model": 8}
+
+
+@pytestmark_slow
+def test_bert_tensor_parallel_matches_one_device(parallel):
+    assert parallel["bert_query_shard_single"] == [64, 64]
+    assert parallel["bert_query_shard_1x1x8"] == [64, 8]  # 8 heads of 8: one head per device
+    assert parallel["bert_loss_diff"] < 1e-6 and parallel["bert_grad_diff"] < 1e-5
 
 
 @pytestmark_slow
