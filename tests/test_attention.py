@@ -190,3 +190,42 @@ def test_cudnn_matches_reference_on_gpu():
     ref, _ = make("reference").apply(variables, images)
     fused, _ = make("cudnn").apply(variables, images)
     assert _max_rel(fused, ref) < 2e-2
+
+
+def _float32_matmuls(fn, *args) -> list[str]:
+    """dot_generals of a traced function that would run in float32 on half-precision data:
+    mixed float32 x bfloat16 operands without a half-precision algorithm."""
+    found = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                dtypes = {str(v.aval.dtype) for v in e.invars}
+                if dtypes == {"float32", "bfloat16"} and "BF16" not in str(
+                        e.params.get("precision")):
+                    found.append(str(e))
+            for value in e.params.values():
+                inner = getattr(value, "jaxpr", None)
+                if inner is not None:
+                    walk(inner if hasattr(inner, "eqns") else inner.jaxpr)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_bfloat16_training_has_no_float32_matmuls(implementation):
+    """With bfloat16 compute every matmul of forward and backward multiplies in bfloat16
+    (float32 logits and softmax included): a float32 matmul is several times slower on GPUs."""
+    images = jnp.zeros((2, 32, 32, 3))
+    model = _vit("tok", implementation, jnp.bfloat16)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
+    loss = lambda p: jnp.sum(model.apply({"params": p}, images, train=True)[0])
+    assert _float32_matmuls(jax.grad(loss), params) == []
+    ids = jnp.ones((2, 8), jnp.int32)
+    inputs = {"input_ids": ids, "attention_mask": ids}
+    text = bert.make("tiny", vocab_size=10, attention=implementation, dtype=jnp.bfloat16)
+    text_params = jax.eval_shape(text.init, jax.random.PRNGKey(0), inputs)["params"]
+    text_loss = lambda p: jnp.sum(text.apply({"params": p}, inputs, train=True,
+                                             rngs={"dropout": jax.random.PRNGKey(1)})[0])
+    assert _float32_matmuls(jax.grad(text_loss), text_params) == []

@@ -62,7 +62,13 @@ def reference_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray
                         ) -> jnp.ndarray:
     """softmax(q k^T / sqrt(Dh) + mask) v with float32 logits and softmax (see module doc)."""
     scale = query.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+    # Half-precision inputs, float32 logits: name the algorithm (half x half, f32 accumulate)
+    # so that the backward pass, whose cotangent is float32, still multiplies in half
+    # precision instead of falling back to float32 matmuls (as jax.nn's 'xla' path does).
+    precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                 jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(
+                     jnp.dtype(query.dtype))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, precision=precision,
                         preferred_element_type=jnp.float32) * scale
     mask = _as_4d_mask(mask)
     if mask is not None:
