@@ -94,6 +94,26 @@ def test_in_place_pixel_ops_are_bitwise_the_formulas():
         np.testing.assert_array_equal(image, before)  # the input is never written
 
 
+@pytest.mark.parametrize("pp", [
+    "inception_crop(32)|flip_lr|value_range(-1, 1)",
+    "central_crop(40)|normalize((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))|value_range(0, 1, 0, 4)",
+    "value_range(-1, 1)|random_crop(40)",  # pointwise op not trailing: per example
+    "onehot(4)|central_crop(40)|value_range(-1, 1)",
+])
+def test_batched_pointwise_ops_give_the_per_example_batch(pp):
+    rng = np.random.default_rng(0)
+    examples = [{"image": rng.integers(0, 256, (48, 56, 3), dtype=np.uint8), "label": i % 4}
+                for i in range(5)]
+    ops = preprocess.Preprocess(pp)
+    rngs = lambda: [np.random.default_rng([7, i]) for i in range(5)]
+    expected = ops.collate([ops.example(e, r) for e, r in zip(examples, rngs(), strict=True)])
+    batch = ops.batch(examples, rngs())
+    assert list(batch) == list(expected)
+    for key in expected:
+        assert batch[key].dtype == expected[key].dtype, key
+        assert batch[key].tobytes() == expected[key].tobytes(), key
+
+
 def _take(iterator, n):
     return [next(iterator) for _ in range(n)]
 

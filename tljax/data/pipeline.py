@@ -150,7 +150,7 @@ class _BatchMaker:
             if pp.is_random
             else (None for _ in positions)
         )
-        return pp.collate([pp.example(e, rng) for e, rng in zip(examples, rngs, strict=True)])
+        return pp.batch(examples, list(rngs))
 
 
 class _EpochPermutations:

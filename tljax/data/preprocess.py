@@ -151,6 +151,13 @@ class Preprocess:
                 raise ValueError(f"Bad arguments for preprocessing op {spec!r}: {e}") from None
             self.is_random |= bool(getattr(op, "is_random", reg.random))
             (self.batch_ops if reg.batched else self.example_ops).append(op)
+        # Trailing pixel-wise image ops (value_range, normalize) run once on the stacked
+        # batch in `batch`: uint8 images are stacked before they become 4x larger floats.
+        tail = 0
+        while tail < len(self.example_ops) and hasattr(self.example_ops[-1 - tail], "pointwise"):
+            tail += 1
+        self._per_example = self.example_ops[:len(self.example_ops) - tail]
+        self._pointwise = [op.pointwise for op in self.example_ops[len(self.example_ops) - tail:]]
 
     def example(self, example: Example, rng: np.random.Generator) -> Example:
         """Applies the per-example ops to a copy of `example`."""
@@ -161,16 +168,50 @@ class Preprocess:
 
     def collate(self, examples: Sequence[Example]) -> Batch:
         """Stacks preprocessed examples key by key (see `stack`), then runs the batch ops."""
+        return self._batch_ops(self._stack(examples))
+
+    def _batch_ops(self, batch: Batch) -> Batch:
+        for op in self.batch_ops:
+            batch = op(batch)
+        return batch
+
+    def _stack(self, examples: Sequence[Example]) -> Batch:
         keys = list(examples[0])
         for i, example in enumerate(examples[1:], 1):
             if list(example) != keys:
                 raise ValueError(f"Examples 0 and {i} of a batch have different keys "
                                  f"({sorted(keys)} vs {sorted(example)}); make every example "
                                  "produce the same keys (e.g. with keep(...)).")
-        batch = {key: stack(key, [e[key] for e in examples]) for key in keys}
-        for op in self.batch_ops:
-            batch = op(batch)
-        return batch
+        return {key: stack(key, [e[key] for e in examples]) for key in keys}
+
+    def batch(self, examples: Sequence[Example],
+              rngs: Sequence[np.random.Generator | None]) -> Batch:
+        """`collate([example(e, rng) ...])`, bit for bit, with trailing pixel-wise image ops
+        applied once to the stacked images (one pass over the batch instead of one float copy
+        per example and another to stack them)."""
+        if not self._pointwise:
+            return self.collate([self.example(e, r) for e, r in zip(examples, rngs, strict=True)])
+        done = []
+        for example, rng in zip(examples, rngs, strict=True):
+            out = dict(example)
+            for op in self._per_example:
+                out = op(out, rng)
+            done.append(out)
+        images = [e.get("image") for e in done]
+        if not all(isinstance(x, np.ndarray) and x.shape == images[0].shape for x in images):
+            # Missing or ragged images: finish per example (collate then says what is wrong).
+            return self.collate([self._finish(e) for e in done])
+        stacked = np.stack(images)
+        for fn in self._pointwise:
+            stacked = fn(stacked)
+        batch = self._stack([{**e, "image": 0} for e in done])
+        batch["image"] = stacked.astype(np.float32, copy=False)
+        return self._batch_ops(batch)
+
+    def _finish(self, example: Example) -> Example:
+        for fn in self._pointwise:
+            example = {**example, "image": fn(example["image"])}
+        return example
 
     def __call__(self, examples: Sequence[Example], rng: np.random.Generator) -> Batch:
         """Preprocesses and collates a list of examples (handy outside a pipeline)."""
@@ -226,6 +267,14 @@ def _on_image(fn: Callable[[np.ndarray], np.ndarray]) -> ExampleOp:
         del rng
         return {**example, "image": fn(example["image"])}
 
+    return op
+
+
+def _pointwise(fn: Callable[[np.ndarray], np.ndarray]) -> ExampleOp:
+    """An image op acting on each pixel alone (so on a stacked batch the same, bit for bit);
+    `Preprocess.batch` applies trailing ones to the whole batch (see there)."""
+    op = _on_image(fn)
+    op.pointwise = fn  # type: ignore[attr-defined]
     return op
 
 
@@ -436,7 +485,7 @@ def value_range(
         out += np.float32(vmin)
         return np.clip(out, vmin, vmax, out=out) if clip_values else out
 
-    return _on_image(fn)
+    return _pointwise(fn)
 
 
 @register("normalize")
@@ -456,7 +505,7 @@ def normalize(mean: float | Sequence[float], std: float | Sequence[float]) -> Ex
         x *= inv_std
         return x
 
-    return _on_image(fn)
+    return _pointwise(fn)
 
 
 # ---------------------------------------------------------------------------------------------
