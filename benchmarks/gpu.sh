@@ -62,7 +62,9 @@ cat "$OUT/machine.txt"
 
 STEP="tools/benchmark.py --suite=step --model=B/16 --res=224 --batch=256 --dtype=bfloat16 \
   --classes=1000 --reps=10 --out=$OUT"
-part attention 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py
+# float32 parity at float32 precision (GPUs may otherwise multiply float32 in TF32).
+part attention 45 env JAX_DEFAULT_MATMUL_PRECISION=highest \
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py
 part step 200 "$PY" $STEP --attention=cudnn --torch_compile
 part input 50 "$PY" tools/benchmark.py --suite=input --workers=0,1,2,4,8,16 --batch=256 \
   --images=512 --steps=6 --out="$OUT"
