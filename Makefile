@@ -8,7 +8,7 @@ POCKETSPHINX_DATA := /usr/share/pocketsphinx/test/data
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORKDIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup data run run-vit test test-fast lint benchmark clean
+.PHONY: setup data run run-vit test test-fast lint benchmark gpu-wheels clean
 
 setup: $(STAMP) data
 
@@ -56,6 +56,17 @@ lint: $(STAMP)
 
 benchmark: setup
 	$(PY) tools/benchmark.py
+
+# Wheels the lent GPU machine lacks (Python 3.12, no network there): carried with the working
+# tree in benchmarks/wheels/ and installed by benchmarks/gpu.sh with pip --no-index.
+GPU_WHEELS := grain==0.2.18 array_record==0.8.6 ml_collections==1.1.0 simplejpeg==1.9.0 \
+	tensorboardX==2.6.5 cloudpickle==3.1.3 portpicker==1.6.0 pytest==9.2.0 pluggy==1.7.0 \
+	iniconfig==2.3.1
+gpu-wheels:
+	$(if $(wildcard $(PY)),$(PY),python3) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --abi cp312 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		-d benchmarks/wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf runs

@@ -106,6 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         split="train[:90%]" if single_file else "train",
         batch_size=32,
         pp=tokenize,
+        workers=nullable(int),
     )
     config.eval = dict(split="train[90%:]" if single_file else recipe["eval"], pp=tokenize,
                        batch_size=64)
@@ -115,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # pooling here, so it is excused from the strict merge.
     config.model_name = "bert"
     config.model = dict(read_hf_bert_config(model_dir), pooling=arg.pooling, use_pooler=False,
-                        normalize=False)
+                        normalize=False, attention="xla", remat=nullable(str))
     # A frozen encoder should give the head its deterministic features: no dropout.
     if probe:
         config.model.dropout = 0.0
@@ -139,6 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.unfreeze_warmup_steps = nullable(int)
     config.cache_features = False
     config.compute_dtype = "float32"
+    config.accum_steps = 1
 
     # Durations: exactly one unit per line; the others stay None.
     if "steps" in recipe:

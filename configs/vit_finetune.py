@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         split=f"train[:{holdout}%]" if arg.val else "train",
         batch_size=512,
         pp=f"decode|inception_crop({res})|flip_lr|rgb|value_range(-1,1)",
+        workers=nullable(int),  # processes building batches (None: $TLJAX_DATA_WORKERS or 0)
     )
     config.eval = dict(
         split=f"train[{holdout}%:]" if arg.val else recipe["test"],
@@ -79,8 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Model: the pre-trained ViT, its head replaced by a zero-initialised one.
     config.model_name = "vit"
+    # attention: 'xla' anywhere, 'cudnn' (flash attention) on NVIDIA GPUs with bfloat16;
+    # remat: None or a policy ('full', 'dots', 'dots_no_batch') to trade compute for memory.
     config.model = dict(variant=arg.model, pool_type="tok", representation_size=nullable(int),
-                        dropout=0.0)
+                        dropout=0.0, attention="xla", remat=nullable(str), scan=False)
     config.init = dict(source="vit_jax", path=CHECKPOINTS.get(arg.model, ""),
                        dont_load=["^head/", "^pre_logits/"], arch=nullable(str),
                        step=nullable(int))
@@ -99,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.unfreeze_warmup_steps = nullable(int)
     config.cache_features = False
     config.compute_dtype = "float32"
+    config.accum_steps = 1  # microbatches per step (input.batch_size stays the update's batch)
 
     # Durations: exactly one unit per line; the others stay None.
     config.total_steps = recipe["steps"]
@@ -122,7 +126,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.init = dict(source=nullable(str), path="", dont_load=[],
                            arch=nullable(str), step=nullable(int))
         config.model = dict(patch_size=(7, 7), width=96, depth=3, mlp_dim=384, num_heads=3,
-                            pool_type="gap", dropout=0.0)
+                            pool_type="gap", dropout=0.0, attention="xla", remat=nullable(str),
+                            scan=False)
         config.input.batch_size = 128
         config.input.pp = "decode|flip_lr|rgb|value_range(-1,1)"
         config.eval.pp = "decode|rgb|value_range(-1,1)"

@@ -37,7 +37,8 @@ TOP_LEVEL = {
     "model_name": "model family: vit, resnet, resnetv2, vgg, efficientnet_lite or bert",
     "model": "keyword arguments of the model family (checked against its constructor)",
     "init": "pretrained initialisation: source, path, dont_load regexes, arch, step",
-    "input": "training data: dataset, split, pp, batch_size, data_dir",
+    "input": "training data: dataset, split, pp, batch_size, data_dir, workers (processes "
+             "building batches; 0: threads)",
     "eval": "evaluation data: split, pp, batch_size (dataset and data_dir from input)",
     "task": "what is predicted: name (classification, token_classification, ...) + its options",
     "optim": "optimizer: name ('sgd' or 'adamw') plus that optax function's arguments",
@@ -52,8 +53,11 @@ TOP_LEVEL = {
     "unfreeze_warmup_steps": "lr re-warmup of a group unfrozen mid-run (None: warmup length)",
     "cache_features": "linear probe on backbone features computed once into WORKDIR/features",
     "compute_dtype": "'float32' or 'bfloat16' (parameters stay float32)",
+    "accum_steps": "split each batch into this many microbatches, gradients accumulated inside "
+                   "the step (input.batch_size stays the batch of one update)",
     "mesh": "list of (axis name, size) for the device mesh, -1 takes the remaining devices",
-    "sharding_rules": "list of (regex, 'replicate' | 'fsdp') deciding parameter sharding",
+    "sharding_rules": "list of (regex, 'replicate' | 'fsdp' | PartitionSpec tuple) deciding "
+                      "parameter sharding (tljax.sharding; tensor_parallel(family) for Megatron)",
     "keep_checkpoints": "number of checkpoints kept in WORKDIR/checkpoints (at least 1)",
     "on_nonfinite": "a NaN or infinite loss or gradient: 'stop' the run (exit status 3, the "
                     "last finite checkpoint kept) or 'skip' that update",
@@ -69,7 +73,7 @@ for _prefix in DURATIONS:
         TOP_LEVEL[f"{_prefix}_{_unit}"] = f"{_prefix.replace('_', ' ')} duration in {_unit}"
 
 SECTIONS = {
-    "input": {"dataset", "data_dir", "split", "pp", "batch_size", "on_bad_example"},
+    "input": {"dataset", "data_dir", "split", "pp", "batch_size", "on_bad_example", "workers"},
     "eval": {"split", "pp", "batch_size"},
     "init": {"source", "path", "dont_load", "arch", "step"},
     "lr_schedule": {"decay_type", "linear_end"},
@@ -290,6 +294,14 @@ def validate(config: ml_collections.ConfigDict, model_fields: Iterable[str]) -> 
         if key not in valid:
             raise ConfigError(f"Unknown config key 'optim.{key}' for optax.{name}"
                               f"{closest(key, valid)}.")
+    accum = config.get("accum_steps")
+    if accum is not None:
+        batch_size = (config.get("input") or {}).get("batch_size")
+        if not isinstance(accum, int) or accum < 1:
+            raise ConfigError(f"config.accum_steps={accum!r}: expected a positive integer.")
+        if batch_size and batch_size % accum:
+            raise ConfigError(f"input.batch_size={batch_size} is not divisible by "
+                              f"accum_steps={accum}: each microbatch needs the same size.")
     for prefix in DURATIONS:
         given = [f"{prefix}_{u}" for u in UNITS if config.get(f"{prefix}_{u}") is not None]
         if len(given) > 1:

@@ -28,8 +28,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from tljax import config as config_lib
 from tljax import (
+    accumulate,
     data,
     features,
     freeze,
@@ -43,6 +43,7 @@ from tljax import (
     tree,
     validate,
 )
+from tljax import config as config_lib
 from tljax.checkpoint import RunCheckpoints
 from tljax.models import lora
 from tljax.pretrained import loading
@@ -92,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         dataset=config.input.dataset, split=config.input.split, pp=config.input.pp,
         batch_size=batch_size, seed=config.seed, data_dir=config.input.get("data_dir"),
         process_index=jax.process_index(), process_count=jax.process_count(),
-        on_bad_example=config.input.on_bad_example)
+        on_bad_example=config.input.on_bad_example, workers=config.input.get("workers"))
 
     def global_batch(local_batch: dict) -> dict:
         # Strings and ragged lists (object arrays) stay on the host.
@@ -283,15 +284,17 @@ def model_forward(model: Any) -> Forward:
 
 
 def make_train_step(forward: Forward, loss_fn: Callable[[Any, dict], jnp.ndarray],
-                    tx: optax.GradientTransformation, trainable: Any,
+                    tx: optax.GradientTransformation, trainable: Any, accum_steps: int = 1,
                     prepare: Callable[[dict, jax.Array], dict] | None = None
                     ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """One update: state -> state with the trainable leaves moved by `tx`.
 
-    `prepare(batch, rng)` is the task's `train_batch` (label smoothing, mixup, ...), drawn
-    from its own stream of the step's RNG. Frozen leaves (trainable False) enter the loss
-    through `stop_gradient`, so no gradient reaches them and XLA drops the backward pass of
-    a fully frozen prefix; they are returned as they came (bitwise unchanged, not p + 0).
+    Frozen leaves (trainable False) enter the loss through `stop_gradient`, so no gradient
+    reaches them and XLA drops the backward pass of a fully frozen prefix; they are
+    returned as they came (bitwise unchanged, not p + 0). With accum_steps > 1 the batch
+    goes through the model in that many microbatches (`tljax.accumulate`). `prepare(batch,
+    rng)` is the task's `train_batch` (label smoothing, mixup, ...), drawn from its own
+    stream of the step's RNG.
     """
 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
@@ -299,14 +302,15 @@ def make_train_step(forward: Forward, loss_fn: Callable[[Any, dict], jnp.ndarray
         if prepare is not None:
             batch = prepare(batch, jax.random.fold_in(step_rng, 1))
 
-        def loss_of(params: Any) -> tuple[jnp.ndarray, dict]:
+        def loss_of(params: Any, model_state: dict, batch: dict, rng: jax.Array
+                    ) -> tuple[jnp.ndarray, dict]:
             params = jax.tree_util.tree_map(
                 lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-            outputs, new_model_state = forward(params, state["model_state"], batch, step_rng)
+            outputs, new_model_state = forward(params, model_state, batch, rng)
             return loss_fn(outputs, batch), new_model_state
 
-        (loss, new_model_state), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state["params"])
+        (loss, new_model_state), grads = accumulate.value_and_grad(loss_of, accum_steps)(
+            state["params"], state["model_state"], batch, step_rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree_util.tree_map(lambda p, u, t: p + u.astype(p.dtype) if t else p,
                                         state["params"], updates, trainable)
@@ -376,7 +380,7 @@ class Phases:
                                            if k != "params"},
                            "opt_state": opt_shardings, "rng": sharding.replicated(mesh)}
         step = jax.jit(make_train_step(self._forward, self._loss_fn, tx, trainable,
-                                       self._prepare),
+                                       self._config.get("accum_steps") or 1, self._prepare),
                        donate_argnums=(0,),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
         sizes = {n: int(np.prod(x.shape)) for n, x in tree.flatten(param_shapes).items()}

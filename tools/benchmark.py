@@ -1,12 +1,36 @@
 """Benchmarks whose numbers go into benchmarks/ and the README.
 
     python tools/benchmark.py --suite=freeze [--model=S/16 --res=224 --batch=8 --reps=3]
+    python tools/benchmark.py --suite=step   [--model=S/16 --batch=8 --dtype=float32 ...]
+    python tools/benchmark.py --suite=memory [--model=L/16 --batch=64 --remat=none,full,...]
+    python tools/benchmark.py --suite=input  [--workers=0,1,2 --batch=32 --images=256]
 
 freeze: on a ViT, per freeze preset, the train step time (median of --reps after one
 warm-up call), its XLA FLOPs and the optimizer-state bytes, against a forward-only step
 (loss without gradients); and one linear-probe epoch over --epoch_examples examples on
-cached features vs through the frozen backbone. Writes benchmarks/freeze_<platform>.json
-and prints a markdown table. Ratios are measured in one process on one machine.
+cached features vs through the frozen backbone.
+
+step: tljax against timm/PyTorch on the same ViT, batch, resolution and precision
+(--dtype bfloat16: bf16 compute with f32 parameters, torch autocast), AdamW with global-norm
+clipping at 1.0, in one process: img/s of the full fine-tuning step, the tljax linear-probe
+step and forward pass, timm eager and (--torch_compile) torch.compile; the step-time ratio;
+model FLOPs utilisation = 3 x the forward FLOPs of XLA's cost analysis / step time / peak
+(the device's bf16 dense peak on GPUs, a measured float32 matmul rate on CPUs); and a count
+of the compiled step's HLO ops (fusions, converts, copies, transposes) for profiling.
+
+memory: peak memory per device of the full fine-tuning step from XLA's buffer assignment
+(`jit(...).lower(...).compile().memory_analysis()`: arguments + outputs - aliased + temporaries)
+for each --remat policy (and --scan), with its compile time; nothing is run.
+
+input: examples/s of the image pipeline - JPEG decode, inception_crop(--res), flip_lr,
+value_range(-1, 1), batching - through `tljax.data.train_batches` on real photos (scikit-image,
+cropped to ImageNet-like sizes and JPEG-encoded at quality 90) against --workers (0 = the
+thread pool, N = worker processes); and the JPEG decoders alone (PIL, simplejpeg, OpenCV).
+
+Each suite writes benchmarks/<suite>_<platform>.{json,md} (or --out) with the machine: device,
+CPU model, core count and the load average before and after (the machine may be shared).
+Ratios are measured in one process on one machine; absolute times only mean something with
+the load they were measured under.
 """
 
 from __future__ import annotations
@@ -180,24 +204,69 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (the CPU model, the accelerator, the load)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = jax.devices()[0]
+    return {"platform": device.platform, "device": device.device_kind,
+            "device_count": jax.device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "host": platform.node(), "jax": jax.__version__,
+            "load_average_start": list(os.getloadavg())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["freeze"], required=True)
-    parser.add_argument("--model", default="S/16")
+    parser.add_argument("--suite", choices=["freeze", "step", "memory", "input"], required=True)
+    parser.add_argument("--model", default=None, help="ViT variant (S/16 freeze and step, "
+                        "L/16 memory)")
     parser.add_argument("--res", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--epoch_examples", type=int, default=1024)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--attention", default="xla", help="xla | cudnn | reference")
+    parser.add_argument("--remat", default=None, help="policy (step) or comma list (memory)")
+    parser.add_argument("--scan", action="store_true",
+                        help="memory: every policy also with scanned blocks")
+    parser.add_argument("--accum_steps", type=int, default=1, help="memory: microbatches")
+    parser.add_argument("--systems", default="tljax,tljax_lp,tljax_forward,timm,timm_compile",
+                        help="step: which of tljax, tljax_lp, tljax_forward, timm, timm_compile")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="step: include timm + torch.compile (needs a C++ compiler on CPU)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="step: peak TFLOP/s for MFU (default: known GPU or measured CPU)")
+    parser.add_argument("--workers", default="0,1,2", help="input: comma list of workers")
+    parser.add_argument("--images", type=int, default=256, help="input: JPEGs to encode")
+    parser.add_argument("--steps", type=int, default=8, help="input: timed batches per setting")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent /
                                              "benchmarks"))
     args = parser.parse_args(argv)
-    results = freeze_suite(args)
+    defaults = {"freeze": ("S/16", 8), "step": ("S/16", 8), "memory": ("L/16", 64),
+                "input": (None, 32)}[args.suite]
+    args.model = args.model or defaults[0]
+    args.batch = args.batch or defaults[1]
+    setup = machine()
+    if args.suite == "freeze":
+        results = freeze_suite(args)
+        table = markdown(results)
+    else:
+        import benchmark_suites as suites  # tools/, beside this file
+
+        results = getattr(suites, f"{args.suite}_suite")(args)
+        results["setup"] = {**setup, **results.get("setup", {})}
+        results["setup"]["load_average_end"] = list(os.getloadavg())
+        table = getattr(suites, f"{args.suite}_markdown")(results)
     os.makedirs(args.out, exist_ok=True)
-    name = f"freeze_{results['setup']['platform']}"
+    name = f"{args.suite}_{setup['platform']}{args.tag}"
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=2)
-    table = markdown(results)
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table + "\n")
     print(table)

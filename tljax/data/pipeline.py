@@ -1,4 +1,4 @@
-"""Train and eval batch iterators: pure functions of the step, run ahead by grain threads.
+"""Train and eval batch iterators: pure functions of the step, run ahead by threads or processes.
 
 Train stream. Epoch e of the split is a permutation drawn from (seed, e); the epochs are
 concatenated into one infinite *global* stream of examples, and global batch s is stream
@@ -18,7 +18,19 @@ Bad examples. An example whose file cannot be read or decoded (`BadExampleError`
 run in one line naming it (`on_bad_example='error'`, the default), or is skipped
 (`'skip'`): the next readable example of the split takes its place (in eval, as padding with
 mask False, so no example counts twice), deterministically, and `bad_examples` counts them
-for the log. A pp op that fails on an example names the example and the pp string.
+for the log (those met in this process: worker processes do not report theirs). A pp op that
+fails on an example names the example and the pp string.
+
+Threads or processes build the next few batches while the current one is in use:
+  workers = 0   a thread pool in this process (TLJAX_DATA_THREADS, default 4): enough for
+                reads and decoders that release the GIL, not for Python-heavy pp ops;
+  workers = N   N worker processes (grain's `mp_prefetch`): worker k builds steps k, k + N, ...
+                and the batches come back through shared memory in step order. Each worker
+                opens the source and parses the pp string itself (spawned processes; the
+                source is not pickled), and keeps its own decoded-image cache.
+Since a batch is a function of (config, step) alone, the batches are the same, bitwise, with
+any number of threads or workers, and the state stays the step. `train_batches(workers=...)`,
+`config.input.workers`, or TLJAX_DATA_WORKERS (the default when neither is given) set it.
 """
 
 from __future__ import annotations
@@ -65,11 +77,41 @@ class BadExamples:
         """{'bad_examples': n} once any was skipped, for the log line; else {}."""
         return {"bad_examples": self.count} if self.count else {}
 
+    def __getstate__(self) -> dict[str, int]:  # a worker process counts its own
+        return {"count": self.count}
 
-def _read_options() -> grain.ReadOptions:
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.count, self._lock = state["count"], threading.Lock()
+
+
+def _read_options(threads: int | None = None) -> grain.ReadOptions:
     # Threads overlap the GIL-free parts (ArrayRecord reads, PNG decoding, PIL, tokenizers).
-    threads = int(os.environ.get("TLJAX_DATA_THREADS", 4))
+    threads = int(os.environ.get("TLJAX_DATA_THREADS", 4)) if threads is None else threads
     return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+
+
+def _workers(workers: int | None) -> int:
+    workers = int(os.environ.get("TLJAX_DATA_WORKERS", 0)) if workers is None else int(workers)
+    if workers < 0:
+        raise ValueError(f"workers={workers}: expected 0 (threads) or a number of processes.")
+    return workers
+
+
+def _batch_stream(make_batch: Callable[[int], dict], first: int, end: int,
+                  workers: int) -> grain.IterDataset:
+    """Batches first .. end-1 in order, built by a thread pool or by `workers` processes."""
+    steps = grain.MapDataset.range(first, end).map(make_batch)
+    if not workers:
+        return steps.to_iter_dataset(_read_options())
+    # grain reads absl flags when it starts workers: outside an absl app (library use,
+    # tests), take the flag defaults rather than fail.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    # One thread per worker: the processes are the parallelism; two batches buffered each.
+    return steps.to_iter_dataset(_read_options(1)).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
 
 
 def _local_batch_size(batch_size: int, process_count: int, process_index: int) -> int:
@@ -90,6 +132,29 @@ def _fetch(source: Sequence, indices: Sequence[int]) -> list[dict]:
     return [source[i] for i in indices]
 
 
+class _Opened:
+    """(source, Preprocess) of a pipeline; pickles as its arguments and reopens on arrival, so a
+    worker process reads the dataset through its own handles instead of a pickled copy."""
+
+    def __init__(self, dataset: str, split: str, data_dir: str | None, pp: str,
+                 opened: tuple[Sequence, Preprocess] | None = None):
+        self.args = (dataset, split, data_dir, pp)
+        self._opened = opened
+
+    def get(self) -> tuple[Sequence, Preprocess]:
+        if self._opened is None:
+            dataset, split, data_dir, pp = self.args
+            source, _ = get_source(dataset, split, data_dir)
+            self._opened = (source, Preprocess(pp))
+        return self._opened
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"args": self.args}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.args, self._opened = state["args"], None
+
+
 class _BatchMaker:
     """Builds the local batch at a step from stream positions, via `index_of` to source indices.
 
@@ -99,8 +164,7 @@ class _BatchMaker:
 
     def __init__(
         self,
-        source: Sequence,
-        preprocess: Preprocess,
+        opened: _Opened,
         index_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]],
         ops_seed: int,
         global_batch: int,
@@ -112,7 +176,7 @@ class _BatchMaker:
         if on_bad_example not in ON_BAD_EXAMPLE:
             raise InputError(f"on_bad_example={on_bad_example!r}: expected one of "
                              f"{', '.join(ON_BAD_EXAMPLE)}.")
-        self._source, self._preprocess, self._index_of = source, preprocess, index_of
+        self._opened, self._index_of = opened, index_of
         self._ops_seed = ops_seed
         self._global, self._local = global_batch, local_batch
         self._offset = process_index * local_batch
@@ -122,6 +186,14 @@ class _BatchMaker:
     def positions(self, step: int) -> np.ndarray:
         start = step * self._global + self._offset
         return np.arange(start, start + self._local, dtype=np.int64)
+
+    @property
+    def _source(self) -> Sequence:
+        return self._opened.get()[0]
+
+    @property
+    def _preprocess(self) -> Preprocess:
+        return self._opened.get()[1]
 
     def describe(self, index: int) -> str:
         """A person's name for example `index`: its file, else its index in the split."""
@@ -144,7 +216,7 @@ class _BatchMaker:
                 raw = example if offset == 0 and example is not None else self._source[candidate]
                 if mask is not None:
                     raw = {**raw, "mask": bool(mask) and offset == 0}
-                return self._preprocess.example(raw, self._rng(position))
+                return self._preprocess.begin(raw, self._rng(position))
             except BadExampleError as e:
                 if not self._skip:
                     raise BadExampleError(
@@ -171,7 +243,7 @@ class _BatchMaker:
         batch = [self._example(int(g), i, e, m)
                  for g, i, e, m in zip(positions, indices, examples, masks, strict=True)]
         try:
-            return self._preprocess.collate(batch)
+            return self._preprocess.end(batch)
         except InputError as e:
             raise InputError(f"{e}{self._odd_one_out(batch, indices)}") from e
         except (ValueError, KeyError, TypeError, IndexError) as e:
@@ -217,11 +289,13 @@ def _seeds(seed: int) -> tuple[int, int]:
 class TrainBatches(Iterator[dict]):
     """Infinite iterator over this process's train batches; its state is the step."""
 
-    def __init__(self, make_batch: _BatchMaker, config: dict[str, Any], info: DatasetInfo):
+    def __init__(self, make_batch: _BatchMaker, config: dict[str, Any], info: DatasetInfo,
+                 workers: int = 0):
         self._make_batch = make_batch
         self._config = config
         self.info = info
         self.bad_examples = make_batch.bad_examples
+        self.workers = workers
         self._step = 0
         self._iterator = None
 
@@ -241,11 +315,23 @@ class TrainBatches(Iterator[dict]):
 
     def __next__(self) -> dict[str, Any]:
         if self._iterator is None:
-            steps = grain.MapDataset.range(self._step, _ENDLESS).map(self._make_batch)
-            self._iterator = iter(steps.to_iter_dataset(_read_options()))
+            self._iterator = iter(_batch_stream(self._make_batch, self._step, _ENDLESS,
+                                                self.workers))
         batch = next(self._iterator)
         self._step += 1
         return batch
+
+    def close(self) -> None:
+        """Stops the prefetching threads or worker processes (also done on set_state)."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown; nothing left to release
+            pass
 
     def get_state(self) -> dict[str, Any]:
         """A JSON-serialisable state, valid for any process_index/process_count."""
@@ -264,8 +350,8 @@ class TrainBatches(Iterator[dict]):
             raise InputError(
                 f"The train data state is for another input pipeline ({'; '.join(changed)})."
             )
+        self.close()  # Rebuilt from the new step on the next call.
         self._step = int(state["step"])
-        self._iterator = None  # Rebuilt from the new step on the next call.
 
 
 def _open(
@@ -302,19 +388,20 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     on_bad_example: str = "error",
+    workers: int | None = None,
 ) -> TrainBatches:
     """This process's share of an infinite, per-epoch reshuffled stream of global batches.
 
     Each batch is a dict of arrays with leading dimension b = batch_size // process_count,
     whatever keys the pp string leaves (e.g. 'image' float32 (b, H, W, C) and 'label' (b,)).
+    `workers`: processes building batches (0: threads; None: $TLJAX_DATA_WORKERS or 0).
     """
     local = _local_batch_size(batch_size, process_count, process_index)
     preprocess = Preprocess(pp)
     source, info = _open(dataset, split, data_dir, preprocess)
     shuffle_seed, ops_seed = _seeds(seed)
     make_batch = _BatchMaker(
-        source,
-        preprocess,
+        _Opened(dataset, split, data_dir, pp, (source, preprocess)),
         _EpochPermutations(len(source), shuffle_seed),
         ops_seed,
         batch_size,
@@ -324,18 +411,17 @@ def train_batches(
         on_bad_example=on_bad_example,
     )
     config = {"dataset": dataset, "split": split, "pp": pp, "batch_size": batch_size, "seed": seed}
-    return TrainBatches(make_batch, config, info)
+    return TrainBatches(make_batch, config, info, _workers(workers))
 
 
 class EvalBatches(Iterator[dict]):
     """One pass over a split in padded batches; len() is the number of batches."""
 
     def __init__(self, make_batch: _BatchMaker, num_batches: int, info: DatasetInfo,
-                 num_examples: int):
+                 num_examples: int, workers: int = 0):
         self._num_batches = num_batches
         self._make_batch = make_batch
-        steps = grain.MapDataset.range(num_batches).map(make_batch)
-        self._iterator = iter(steps.to_iter_dataset(_read_options()))
+        self._iterator = iter(_batch_stream(make_batch, 0, num_batches, workers))
         self.info = info
         self.num_examples = num_examples
         self.bad_examples = make_batch.bad_examples
@@ -361,8 +447,13 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     on_bad_example: str = "error",
+    workers: int = 0,
 ) -> EvalBatches:
-    """Every example of `split` exactly once across processes, with 'mask' for real examples."""
+    """Every example of `split` exactly once across processes, with 'mask' for real examples.
+
+    `workers` as for `train_batches`, but 0 (threads) by default: an evaluation is short, and
+    worker processes would start anew for each one.
+    """
     local = _local_batch_size(batch_size, process_count, process_index)
     preprocess = Preprocess(pp)
     source, info = _open(dataset, split, data_dir, preprocess)
@@ -372,6 +463,7 @@ def eval_batches(
         real = positions < n
         return np.where(real, positions, 0), real
 
-    make_batch = _BatchMaker(source, preprocess, index_of, 0, batch_size, local, process_index,
+    make_batch = _BatchMaker(_Opened(dataset, split, data_dir, pp, (source, preprocess)),
+                             index_of, 0, batch_size, local, process_index,
                              name=f"{dataset} {split!r}", on_bad_example=on_bad_example)
-    return EvalBatches(make_batch, math.ceil(n / batch_size), info, n)
+    return EvalBatches(make_batch, math.ceil(n / batch_size), info, n, _workers(workers))

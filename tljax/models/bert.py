@@ -23,6 +23,12 @@ Inputs are a dict `{'input_ids': (B, L) int, 'attention_mask': (B, L) int,
 optional 'token_type_ids': (B, L) int}`; mask 1 = real token, 0 = padding.
 `__call__` returns `(features, out)`: the pooled features (see `Bert`) and
 `out = {'tokens': (B, L, D) last hidden states}`.
+
+Speed and memory options (the function computed is the same): `attention` picks the
+attention kernel ('xla', 'cudnn' or 'reference', see `tljax.models.attention`; attention
+dropout in training needs the probabilities, so it runs the reference formula unless
+`attention_dropout=0`), `remat` recomputes each layer's activations in the backward pass
+(None, 'full', 'dots', 'dots_no_batch'; `tljax.models.layers.REMAT_POLICIES`).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from tljax.models.attention import attention, check_implementation
+from tljax.models.layers import remat
 
 VARIANTS = {  # name: (hidden_size, num_layers, num_heads, intermediate_size)
     "tiny": (128, 2, 2, 512),
@@ -119,9 +127,9 @@ class AddNorm(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a key padding mask, followed by `AddNorm` ('output').
 
-    softmax(q k^T / sqrt(d_head) + mask) v per head, where padded keys get the
-    most negative float32 (as HF), so they receive zero weight; the softmax is
-    computed in float32 even under a bfloat16 `dtype`.
+    softmax(q k^T / sqrt(d_head) + mask) v per head, where padded keys get zero weight
+    (as HF); the logits and softmax are float32 even under a bfloat16 `dtype`. The kernel
+    is `tljax.models.attention.attention` with `implementation`.
     """
 
     num_heads: int
@@ -130,6 +138,7 @@ class SelfAttention(nn.Module):
     attention_dropout: float
     init_std: float
     dtype: Any
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -141,11 +150,12 @@ class SelfAttention(nn.Module):
         split = lambda t: t.reshape(batch, length, self.num_heads, head_dim)
         q, k, v = (split(_dense(hidden, self.dtype, self.init_std, n)(x))
                    for n in ("query", "key", "value"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(self.attention_dropout)(probs, deterministic=not train)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(batch, length, hidden)
+        dropout = None
+        if train and self.attention_dropout > 0:
+            dropout = lambda probs: nn.Dropout(self.attention_dropout)(probs,
+                                                                       deterministic=False)
+        y = attention(q, k, v, mask, implementation=self.implementation, dropout=dropout)
+        y = y.reshape(batch, length, hidden)
         return AddNorm(hidden, self.layer_norm_eps, self.dropout, self.init_std, self.dtype,
                        name="output")(y, x, train)
 
@@ -175,11 +185,12 @@ class Layer(nn.Module):
     attention_dropout: float
     init_std: float
     dtype: Any
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, train: bool) -> jnp.ndarray:
         x = SelfAttention(self.num_heads, self.layer_norm_eps, self.dropout,
-                          self.attention_dropout, self.init_std, self.dtype,
+                          self.attention_dropout, self.init_std, self.dtype, self.attention,
                           name="attention")(x, mask, train)
         y = Intermediate(self.intermediate_size, self.hidden_act, self.init_std, self.dtype,
                          name="intermediate")(x)
@@ -199,13 +210,17 @@ class Encoder(nn.Module):
     attention_dropout: float
     init_std: float
     dtype: Any
+    attention: str = "xla"
+    remat: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, train: bool) -> jnp.ndarray:
+        layer = remat(Layer, self.remat, static_argnums=(3,))
         for i in range(self.num_layers):
-            x = Layer(self.num_heads, self.intermediate_size, self.hidden_act,
+            x = layer(self.num_heads, self.intermediate_size, self.hidden_act,
                       self.layer_norm_eps, self.dropout, self.attention_dropout,
-                      self.init_std, self.dtype, name=f"layer_{i}")(x, mask, train)
+                      self.init_std, self.dtype, self.attention,
+                      name=f"layer_{i}")(x, mask, train)
         return x
 
 
@@ -255,6 +270,8 @@ class Bert(nn.Module):
     use_pooler: bool = False
     normalize: bool = False
     dtype: Any = jnp.float32
+    attention: str = "xla"
+    remat: str | None = None
 
     def blocks(self) -> list[str]:
         """Regexes of parameter paths from the input to the output, one per block group."""
@@ -270,6 +287,7 @@ class Bert(nn.Module):
                              f"it needs pooling='cls', got {self.pooling!r}.")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r}: supported {sorted(ACTIVATIONS)}.")
+        check_implementation(self.attention)
 
     @nn.compact
     def __call__(self, inputs: Mapping[str, jnp.ndarray], train: bool = False
@@ -288,7 +306,8 @@ class Bert(nn.Module):
                        self.initializer_range, self.dtype, name="embeddings")(ids, types, train)
         x = Encoder(self.num_layers, self.num_heads, self.intermediate_size, self.hidden_act,
                     self.layer_norm_eps, self.dropout, self.attention_dropout,
-                    self.initializer_range, self.dtype, name="encoder")(x, mask, train)
+                    self.initializer_range, self.dtype, self.attention, self.remat,
+                    name="encoder")(x, mask, train)
         x = tokens = x.astype(jnp.float32)  # pooling and normalisation in float32
 
         if self.pooling == "cls":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -63,3 +64,29 @@ class LinearHead(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.num_outputs,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return (jnp.dot(x, kernel) + bias).astype(jnp.float32)
+
+
+# Rematerialisation policies (`config.model.remat`): what the backward pass keeps of a block's
+# forward activations; everything else it recomputes from the block's input.
+REMAT_POLICIES = {
+    "full": "nothing_saveable",  # keep only the block inputs: least memory, one extra forward
+    "dots": "checkpoint_dots",  # keep every matmul output, recompute norms and activations
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",  # keep x @ W outputs, recompute the
+    # attention matmuls (batched) and elementwise ops
+}
+
+
+def remat(module: type[nn.Module], policy: str | None, static_argnums: tuple[int, ...]
+          ) -> type[nn.Module]:
+    """`module` rematerialised with `policy` (a key of REMAT_POLICIES); None/'none': as is.
+
+    Parameter names do not change (`nn.remat` keeps the submodule's name), so checkpoints load
+    either way. `static_argnums` count `self` as 0 (e.g. (2,) for `__call__(self, x, train)`).
+    """
+    if policy in (None, "none"):
+        return module
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat={policy!r}: expected None or one of "
+                         f"{', '.join(REMAT_POLICIES)}.")
+    return nn.remat(module, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]),
+                    static_argnums=static_argnums)

@@ -14,6 +14,9 @@ Batch norm and `bn_update`: with `bn_update=False` (the fine-tuning default)
 batch norm always normalises with the running averages, also when
 `train=True`, and `batch_stats` come back unchanged; with `bn_update=True` and
 `train=True` it normalises with batch statistics and updates the averages.
+
+`remat` (None, 'full', 'dots', 'dots_no_batch'; `tljax.models.layers.REMAT_POLICIES`)
+recomputes each residual block's activations in the backward pass; names are unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from tljax.models.layers import remat
 
 # depth: (block kind, blocks per stage)
 DEPTHS = {
@@ -92,6 +97,7 @@ class ResNet(nn.Module):
     depth: int = 50
     bn_update: bool = False
     dtype: Any = jnp.float32
+    remat: str | None = None
 
     def blocks(self) -> list[str]:
         """Regexes of parameter paths from the input to the output, one per block group."""
@@ -110,11 +116,12 @@ class ResNet(nn.Module):
         # torchvision pads the max pool with -inf (padding=1), as Flax's max_pool does.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         out = {}
+        block = remat(ResidualBlock, self.remat, static_argnums=(2,))
         for k, (width, n) in enumerate(zip(STAGE_WIDTHS, counts, strict=True)):
             for j in range(n):
                 stride = 2 if (k > 0 and j == 0) else 1
-                x = ResidualBlock(width, stride, kind == "bottleneck", self.bn_update, self.dtype,
-                                  name=f"layer{k + 1}_{j}")(x, train)
+                x = block(width, stride, kind == "bottleneck", self.bn_update, self.dtype,
+                          name=f"layer{k + 1}_{j}")(x, train)
             out[f"stage_{k + 1}"] = x
         return jnp.mean(x, axis=(1, 2)), out
 

@@ -4,7 +4,19 @@ The tree is `embedding`, `cls`, `pos_embedding`, `Transformer/encoderblock_{i}/
 {LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}`,
 `Transformer/encoder_norm`, optional `MAPHead_0` and `pre_logits` (the task's head is
 attached as `head` by `tljax.models.Model`), so a big_vision Linen checkpoint loads
-without renaming.
+without renaming. Attention kernels are (D, H, Dh) for query/key/value and (H, Dh, D) for out.
+
+Speed and memory options, none of which changes the function computed:
+  attention  'xla' | 'cudnn' | 'reference' (`tljax.models.attention`).
+  remat      None | 'full' | 'dots' | 'dots_no_batch': recompute each encoder block's
+             activations in the backward pass (`tljax.models.layers.REMAT_POLICIES`); the
+             parameter names stay the same.
+  scan       True: the encoder blocks are one `nn.scan` (compiled once, not `depth` times).
+             The blocks' parameters are then stacked along a leading depth axis under
+             `Transformer/encoderblock/...` (big_vision's scanned layout); `scan_params` and
+             `unscan_params` convert between the two layouts, and pretrained checkpoints are
+             converted on loading. Freeze presets and LLRD see the stack as one block group;
+             LoRA adapters and the HF/timm export expect the unscanned layout.
 """
 
 from __future__ import annotations
@@ -15,6 +27,10 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from tljax import tree
+from tljax.models.attention import MultiHeadDotProductAttention, check_implementation
+from tljax.models.layers import remat
 
 VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
     "Ti": (192, 12, 768, 3),
@@ -67,13 +83,15 @@ class Encoder1DBlock(nn.Module):
     layernorm_eps: float = 1e-6
     gelu_approximate: bool = True
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
-        y = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform(), deterministic=True)(y, y)
+        y = MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dtype=self.dtype, attention=self.attention,
+            kernel_init=nn.initializers.xavier_uniform(),
+            name="MultiHeadDotProductAttention_0")(y, y)
         x = x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
         y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
         y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype)(y, train)
@@ -88,13 +106,24 @@ class Encoder(nn.Module):
     layernorm_eps: float = 1e-6
     gelu_approximate: bool = True
     dtype: Any = jnp.float32
+    attention: str = "xla"
+    remat: str | None = None
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        for i in range(self.depth):
-            block = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
-                                   self.gelu_approximate, self.dtype, name=f"encoderblock_{i}")
-            x = block(x, train)
+        block = remat(Encoder1DBlock, self.remat, static_argnums=(2,))
+        args = (self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
+                self.gelu_approximate, self.dtype, self.attention)
+        if self.scan:
+            # One block traced once and iterated; each parameter gains a leading depth axis.
+            body = nn.scan(lambda module, carry: (module(carry, train), None),
+                           variable_axes={"params": 0},
+                           split_rngs={"params": True, "dropout": True}, length=self.depth)
+            x, _ = body(block(*args, name="encoderblock"), x)
+        else:
+            for i in range(self.depth):
+                x = block(*args, name=f"encoderblock_{i}")(x, train)
         return nn.LayerNorm(epsilon=self.layernorm_eps, name="encoder_norm")(x)
 
 
@@ -106,14 +135,16 @@ class MAPHead(nn.Module):
     layernorm_eps: float = 1e-6
     gelu_approximate: bool = True
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
         probe = jnp.tile(probe, [x.shape[0], 1, 1]).astype(x.dtype)
-        x = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform())(probe, x)
+        x = MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dtype=self.dtype, attention=self.attention,
+            kernel_init=nn.initializers.xavier_uniform(),
+            name="MultiHeadDotProductAttention_0")(probe, x)
         y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
         x = x + MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate, dtype=self.dtype)(y)
         return x[:, 0]
@@ -141,11 +172,15 @@ class ViT(nn.Module):
     layernorm_eps: float = 1e-6
     gelu_approximate: bool = True
     dtype: Any = jnp.float32
+    attention: str = "xla"
+    remat: str | None = None
+    scan: bool = False
 
     def blocks(self) -> list[str]:
         """Regexes of parameter paths from the input to the output, one per block group."""
-        return (["^(embedding|cls|pos_embedding)(/|$)"]
-                + [f"^Transformer/encoderblock_{i}/" for i in range(self.depth)]
+        encoder = (["^Transformer/encoderblock/"] if self.scan else
+                   [f"^Transformer/encoderblock_{i}/" for i in range(self.depth)])
+        return (["^(embedding|cls|pos_embedding)(/|$)"] + encoder
                 + ["^(Transformer/encoder_norm|MAPHead_0|pre_logits)/"])
 
     @nn.compact
@@ -153,6 +188,7 @@ class ViT(nn.Module):
                  ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
         if self.pool_type not in ("tok", "gap", "map"):
             raise ValueError(f"pool_type={self.pool_type!r}: expected 'tok', 'gap' or 'map'.")
+        check_implementation(self.attention)
         x = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size),
                     padding="VALID", dtype=self.dtype, name="embedding")(images)
         n, h, w, c = x.shape
@@ -164,7 +200,8 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]), x], axis=1)
         x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
-                    self.gelu_approximate, self.dtype, name="Transformer")(x, train)
+                    self.gelu_approximate, self.dtype, self.attention, self.remat, self.scan,
+                    name="Transformer")(x, train)
         tokens = x
         if self.pool_type == "tok":
             x = x[:, 0]
@@ -172,7 +209,7 @@ class ViT(nn.Module):
             x = jnp.mean(x, axis=1)
         else:
             x = MAPHead(self.mlp_dim, self.num_heads, self.layernorm_eps,
-                        self.gelu_approximate, self.dtype)(x)
+                        self.gelu_approximate, self.dtype, self.attention, name="MAPHead_0")(x)
         if self.representation_size:
             x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
         return x, {"tokens": tokens, "pre_logits": x}
@@ -181,3 +218,41 @@ class ViT(nn.Module):
 def make(variant: str | None = None, **kwargs: Any) -> ViT:
     """A ViT from a variant name ('B/16') plus keyword overrides of any field."""
     return ViT(**{**(decode_variant(variant) if variant else {}), **kwargs})
+
+
+SCANNED = "Transformer/encoderblock/"
+
+
+def scan_params(params: dict[str, Any]) -> dict[str, Any]:
+    """`Transformer/encoderblock_{i}/X` -> `Transformer/encoderblock/X` stacked on axis 0.
+
+    Works on a params tree (or any collection with the same names, e.g. optimizer moments);
+    the inverse of `unscan_params`.
+    """
+    flat = tree.flatten(params)
+    blocks: dict[str, dict[int, Any]] = {}
+    out = {}
+    for name, value in flat.items():
+        head, sep, rest = name.partition("Transformer/encoderblock_")
+        if sep and not head:
+            index, _, leaf = rest.partition("/")
+            blocks.setdefault(leaf, {})[int(index)] = value
+        else:
+            out[name] = value
+    for leaf, by_index in blocks.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"Encoder blocks {sorted(by_index)} of {leaf!r} are not 0..L-1.")
+        out[SCANNED + leaf] = np.stack([np.asarray(by_index[i]) for i in range(len(by_index))])
+    return tree.unflatten(out)
+
+
+def unscan_params(params: dict[str, Any]) -> dict[str, Any]:
+    """`Transformer/encoderblock/X` (leading depth axis) -> `Transformer/encoderblock_{i}/X`."""
+    out = {}
+    for name, value in tree.flatten(params).items():
+        if name.startswith(SCANNED):
+            for i in range(value.shape[0]):
+                out[f"Transformer/encoderblock_{i}/{name[len(SCANNED):]}"] = value[i]
+        else:
+            out[name] = value
+    return tree.unflatten(out)

@@ -5,6 +5,8 @@
   * the classification head (`head/...`) keeps its (zero) initial value when its
     shape differs from the checkpoint's or either side lacks it;
   * a ViT `pos_embedding` whose grid differs is resampled to the new grid.
+`read_init_checkpoint` also stacks an unscanned ViT checkpoint for a model built with
+`scan=True` (and slices a scanned one for an unscanned model).
 Anything else that is missing, unexpected or shape-mismatched is collected and
 raised as one `CheckpointMismatchError` whose message is a table of all of them.
 """
@@ -146,10 +148,21 @@ def read_init_checkpoint(init_cfg: Mapping[str, Any], init_variables: Mapping[st
     hints = {}
     flat_init = tree.flatten(dict(init_variables))
     query = "params/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"
+    scanned = "params/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"
     if query in flat_init:  # ViT heads cannot be read off timm weights; the model knows them
         hints["num_heads"] = int(_shape(flat_init[query])[1])
+    elif scanned in flat_init:
+        hints["num_heads"] = int(_shape(flat_init[scanned])[2])
     loaded, _ = load_converted(cfg["source"], str(cfg["path"]), arch=cfg.get("arch"),
                                step=cfg.get("step"), **hints)
+    if "params" in loaded and (query in flat_init or scanned in flat_init):
+        from tljax.models import vit
+
+        is_scanned = any(n.startswith(vit.SCANNED) for n in tree.flatten(loaded["params"]))
+        if scanned in flat_init and not is_scanned:
+            loaded = {**loaded, "params": vit.scan_params(loaded["params"])}
+        elif query in flat_init and is_scanned:
+            loaded = {**loaded, "params": vit.unscan_params(loaded["params"])}
     return loaded, list(cfg.get("dont_load") or ())
 
 
