@@ -365,7 +365,8 @@ SourceFn = Callable[[str, str, str | None], tuple[Sequence, DatasetInfo]]
 _NAMED: dict[str, SourceFn] = {}
 _PREFIXED: dict[str, SourceFn] = {}
 # Modules whose sources register on import.
-_SOURCE_MODULES = ("tljax.data.text", "tljax.data.folders", "tljax.data.audio")
+_SOURCE_MODULES = ("tljax.data.text", "tljax.data.folders", "tljax.data.audio",
+                   "tljax.data.dense", "tljax.data.medical")
 
 
 def register_source(name: str, *, prefix: bool = False) -> Callable[[SourceFn], SourceFn]:
