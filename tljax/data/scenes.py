@@ -39,6 +39,10 @@ SEED = 20240901
 CANVAS = 64
 SIZES = {"train": 2000, "test": 500}
 MASK_THRESHOLD = 40
+# SHA-256 of each split's pixels, masks and boxes as built from Debian's Fashion-MNIST 3.0.1
+# files: `build` checks its result against them, so a set that differs says so.
+SHA256 = {"train": "1ef576b33abe09d5ccc699be7dd090608d23fa03c8b1a86f57a48e8f395ff185",
+          "test": "8492f07e339bb3d53be5dd2571e7359664186afb957c0e74f5154d92c9546086"}
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot")
 
@@ -128,6 +132,10 @@ def build(root: Path, fashion_mnist_dir: Path | None = None) -> dict[str, int]:
             json.dump({"images": entries, "annotations": annotations,
                        "categories": categories}, f)
         digests[split] = digest.hexdigest()
+    if digests != SHA256:
+        raise RuntimeError(f"fashion_scenes built in {root} differs from the published set "
+                           f"(SHA-256 {digests} vs {SHA256}): other Fashion-MNIST files or a "
+                           "changed builder.")
     (root / "classes.txt").write_text("\n".join(("background", *FASHION_CLASSES)) + "\n")
     manifest = {"what": "a composition of real Fashion-MNIST images, not a benchmark",
                 "seed": SEED, "canvas": CANVAS, "sizes": SIZES,
