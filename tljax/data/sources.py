@@ -6,7 +6,9 @@ or, failing both, a TFDS catalog name (``fashion_mnist``, ``cifar10``, ``name/co
 ``name:1.2.0``) read from ``data_dir`` in array_record format through ``tfds`` data sources
 (no TensorFlow). Sources register with ``register_source`` in the module that reads them
 (tljax/data/text.py, tljax/data/folders.py, tljax/data/audio.py: ``audiofolder:/root`` and
-the synthesized speech sets ``spoken_keywords``, ``spoken_speakers``, ``spoken_languages``);
+the synthesized speech sets ``spoken_keywords``, ``spoken_speakers``, ``spoken_languages``;
+tljax/data/dense.py: ``coco:``, ``segfolder:``, ``fashion_scenes``; tljax/data/medical.py:
+``decathlon:``);
 each returns ``(source, info)`` for a split.
 
 `DatasetInfo.features` describes each feature of an example by kind ('image', 'text',
