@@ -2,7 +2,7 @@ r"""Medical segmentation on 2-D slices of Decathlon-layout volumes (NIfTI or DIC
 
     python -m tljax.main --config=configs/medical_segmentation.py:data=/data/Task09_Spleen \
         --workdir=runs/spleen
-    python -m tljax.main --config=configs/medical_segmentation.py:data=/d/Task01_BrainTumour,modality=mr ...
+    python -m tljax.main --config=configs/medical_segmentation.py:data=/d/Task02_Heart,modality=mr
     python -m tljax.main --config=configs/medical_segmentation.py:data=...,freeze=linear_probe ...
 
 `data` is a Medical Segmentation Decathlon task folder (imagesTr/, labelsTr/, dataset.json;

@@ -17,8 +17,11 @@ Arguments:
   model=efficientnet_lite0|resnet50|vit
                             the backbone: EfficientNet-Lite0 (multi-scale FCN over stages
                             2-5, strides 4-32), torchvision ResNet-50 (FCN over stages 1-4;
-                            `resnet_weights=/path.pth` for ImageNet weights) or a small ViT
-                            from scratch (linear decoder over patch tokens, 4 px patches).
+                            `resnet_weights=/resnet50.pth` for ImageNet weights, or
+                            `resnet_weights=/fcn_resnet50_coco.pth` / `.../deeplabv3_...pth`
+                            for torchvision's COCO segmentation models: dilated backbone,
+                            their head, its classifier new) or a small ViT from scratch
+                            (progressive decoder over patch tokens, 4 px patches).
   freeze=PRESET             full (default) or any freeze preset, e.g. linear_probe (the
                             backbone frozen, the head trained).
   dataset=NAME              fashion_scenes | segfolder:/root | decathlon:/TaskXX (see also
@@ -67,6 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.task.head_width = 128
         if arg.init == "pretrained" and arg.resnet_weights:
             config.init.source, config.init.path = "torchvision", arg.resnet_weights
+            kind = next((k for k in ("fcn", "deeplabv3") if k in arg.resnet_weights), None)
+            if kind:  # torchvision's segmentation models, as converted
+                config.init.source = "torchvision_dense"
+                config.model.replace_stride_with_dilation = (False, True, True)
+                config.task.head = kind
+                config.task.head_input = ("stage_4",)
+                del config.task.head_width
+                config.init.dont_load = ["^head/classifier/"]
     elif arg.model == "vit":
         config.model_name = "vit"
         config.model = dict(patch_size=(4, 4), width=96, depth=4, mlp_dim=192, num_heads=3,
