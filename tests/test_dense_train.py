@@ -143,7 +143,8 @@ def test_runlocal_detection_beats_empty_prediction(tmp_path, scenes_dir, capsys)
     print(f"runlocal detection: mAP {final['map']:.4f}, mAP@.5 {final['map50']:.4f}")
     # The empty prediction scores mAP 0 (tests/test_dense_tasks.py).
     assert final["examples"] == 200
-    assert final["map50"] > 0.15 and final["map"] > 0.05, final
+    # Measured (runlocal, 2 cores): mAP 0.155, mAP@.5 0.221; required: 0.05 and 0.10 above 0.
+    assert final["map50"] > 0.10 and final["map"] > 0.05, final
     import predict
 
     image = os.path.join(scenes_dir, "fashion_scenes", "test", "images", "00001.png")

@@ -174,12 +174,14 @@ def flip_lr_dense() -> ExampleOp:
 
 @register("pad_boxes")
 def pad_boxes(max_boxes: int) -> ExampleOp:
-    """boxes (max_boxes, 4), classes (max_boxes,) and box_mask; extra boxes are an error."""
+    """boxes (max_boxes, 4), classes (max_boxes,) and box_mask; extra boxes are an error.
+
+    An example without boxes (an image given to tools/predict.py) gets none."""
 
     def op(example: Example, rng: np.random.Generator) -> Example:
         del rng
-        boxes = np.asarray(example[BOXES], np.float32).reshape(-1, 4)
-        classes = np.asarray(example[CLASSES], np.int32).reshape(-1)
+        boxes = np.asarray(example.get(BOXES, np.zeros((0, 4))), np.float32).reshape(-1, 4)
+        classes = np.asarray(example.get(CLASSES, np.zeros(0)), np.int32).reshape(-1)
         n = len(boxes)
         if n > max_boxes:
             raise ValueError(f"pad_boxes({max_boxes}): an image has {n} boxes; raise "
