@@ -349,7 +349,8 @@ class Detection(Task):
         return lines
 
     def render(self, outputs: Any, batch: Batch, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Each input image with its detections drawn (boxes scaled from the model's input)."""
+        """Each input image with its detections drawn (boxes scaled from the model's input);
+        images under 256 px are enlarged (nearest) by a whole factor so labels stay legible."""
         from PIL import Image, ImageDraw
 
         from tljax.tasks.segmentation import class_color
@@ -358,6 +359,8 @@ class Detection(Task):
         pictures = []
         for image, found in zip(images, self.detections(outputs, batch), strict=True):
             rgb = displayable(image)
+            zoom = max(1, -(-256 // max(rgb.shape[:2])))
+            rgb = np.repeat(np.repeat(rgb, zoom, axis=0), zoom, axis=1)
             picture = Image.fromarray(rgb)
             draw = ImageDraw.Draw(picture)
             sx, sy = rgb.shape[1] / hw[1], rgb.shape[0] / hw[0]
