@@ -21,7 +21,9 @@ Arguments:
                             `weights=/resnet50.pth` from ImageNet).
   freeze=PRESET             full (default) or any freeze preset; linear_probe freezes the
                             backbone and trains FPN and heads.
-  dataset=NAME              fashion_scenes | coco:/images,/train.json[,/images,/test.json]
+  dataset=NAME              fashion_scenes | coco:/images,/train.json[,/images,/test.json] |
+                            a TFDS set with objects (coco/2017, voc/2007; prepared online,
+                            then e.g. res=512,max_boxes=100 and eval.split=validation)
   res=PX                    input resolution (images and boxes resized together).
   max_boxes=N               boxes per image after padding (8).
   runlocal                  a short run for the test suite (train[:512], 80 steps).
@@ -44,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     common = (f"decode|resize_dense({arg.res})|rgb|{VALUE_RANGE}|"
               f"drop('segmentation','image_id')|pad_boxes({arg.max_boxes})")
+    if not arg.dataset.startswith(("fashion_scenes", "coco:")):  # TFDS coco/2017, voc/2007
+        common = (f"decode|tfds_objects|resize_dense({arg.res})|rgb|{VALUE_RANGE}|"
+                  f"pad_boxes({arg.max_boxes})|keep('image','boxes','classes','box_mask')")
     config.input = dict(dataset=arg.dataset, data_dir=nullable(str), split="train",
                         batch_size=32, pp=common.replace("|rgb|", "|flip_lr_dense|rgb|"))
     config.eval = dict(split="test", pp=common, batch_size=50)

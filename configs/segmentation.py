@@ -25,7 +25,8 @@ Arguments:
   freeze=PRESET             full (default) or any freeze preset, e.g. linear_probe (the
                             backbone frozen, the head trained).
   dataset=NAME              fashion_scenes | segfolder:/root | decathlon:/TaskXX (see also
-                            configs/medical_segmentation.py).
+                            configs/medical_segmentation.py) | oxford_iiit_pet (TFDS, prepared
+                            online; trimap border pixels ignored).
   res=PX                    input resolution (images and masks resized together).
   runlocal                  a short run for the test suite (train[:512], 60 steps).
 
@@ -46,11 +47,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     common = f"decode|resize_dense({arg.res})|rgb|{VALUE_RANGE}|drop('boxes','classes','image_id')"
+    if arg.dataset.startswith("oxford_iiit_pet"):  # TFDS (prepared online): the trimap
+        common = common.replace("decode|", "decode|pet_trimap|").replace(
+            "'image_id'", "'image_id','label','species','file_name'")
     config.input = dict(dataset=arg.dataset, data_dir=nullable(str), split="train",
                         batch_size=32, pp=common.replace("|rgb|", "|flip_lr_dense|rgb|"))
     config.eval = dict(split="test", pp=common, batch_size=100)
 
     config.task = dict(name="segmentation", head="fcn", loss="xent", ignore_index=255)
+    if arg.dataset.startswith("oxford_iiit_pet"):
+        config.task.class_names = ("background", "pet")
     config.init = dict(source=nullable(str), path="", dont_load=["^head/"])
     if arg.model == "efficientnet_lite0":
         config.model_name = "efficientnet_lite"

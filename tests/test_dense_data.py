@@ -169,3 +169,27 @@ def test_fashion_scenes_build_is_the_published_set(tmp_path):
             assert _extents(example["segmentation"][int(box[1]):int(box[3]),
                                                     int(box[0]):int(box[2])], cls + 1) == [
                 0, 0, box[2] - box[0], box[3] - box[1]]
+
+
+def test_tfds_objects_and_pet_trimap():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from tljax.data.dense import tfds_dense_features
+
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(),
+        "objects": tfds.features.Sequence({"bbox": tfds.features.BBoxFeature(),
+                                           "label": tfds.features.ClassLabel(names=["a", "b"]),
+                                           "is_crowd": np.bool_})})
+    described = tfds_dense_features(features)
+    assert described["classes"].names == ("a", "b") and described["boxes"].kind == "boxes"
+    example = {"image": np.zeros((10, 20, 3), np.uint8),
+               "objects": {"bbox": np.float32([[0.1, 0.25, 0.5, 1.0], [0, 0, 1, 1]]),
+                           "label": np.int64([1, 0]), "is_crowd": np.array([False, True])}}
+    out = _run("tfds_objects", example)
+    # ymin 0.1, xmin 0.25, ymax 0.5, xmax 1.0 of a 10 x 20 image; the crowd box is left out.
+    np.testing.assert_allclose(out["boxes"], [[5, 1, 20, 5]])
+    assert out["classes"].tolist() == [1] and "objects" not in out
+    trimap = np.array([[1, 2], [3, 1]], np.uint8)[..., None]
+    out = _run("pet_trimap", {"image": np.zeros((2, 2, 3), np.uint8),
+                              "segmentation_mask": trimap})
+    np.testing.assert_array_equal(out["segmentation"], [[1, 0], [255, 1]])

@@ -35,6 +35,12 @@ Sources (see `register_source`):
     fashion_scenes
         the offline composition set built by `tools/prepare_data.py fashion_scenes` (see
         `tljax.data.scenes`): both segmentation and boxes for every image.
+    TFDS datasets with objects (`coco/2017`, `voc/2007`; prepared online): their
+        `objects` sequence (normalised ymin, xmin, ymax, xmax boxes and a ClassLabel) is
+        described as `boxes` / `classes` features with the class names, and the op
+        `tfds_objects()` turns an example's objects into these keys. `oxford_iiit_pet`'s
+        trimap becomes a `segmentation` with `pet_trimap()` (name the classes with the
+        segmentation task's `class_names=('background', 'pet')`).
 """
 
 from __future__ import annotations
@@ -194,6 +200,59 @@ def pad_boxes(max_boxes: int) -> ExampleOp:
                 BOX_MASK: np.arange(max_boxes) < n}
 
     return op
+
+
+@register("tfds_objects")
+def tfds_objects(key: str = "objects", drop_crowd: bool = True) -> ExampleOp:
+    """TFDS `objects` (bbox normalised [ymin, xmin, ymax, xmax], label, is_crowd) -> boxes in
+    pixels (x0, y0, x1, y1) and classes; crowd regions dropped unless drop_crowd=False."""
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        del rng
+        objects = example[key]
+        h, w = example["image"].shape[:2]
+        bbox = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
+        keep = np.ones(len(bbox), bool)
+        if drop_crowd and "is_crowd" in objects:
+            keep &= ~np.asarray(objects["is_crowd"], bool).reshape(-1)
+        boxes = bbox[:, [1, 0, 3, 2]] * np.float32([w, h, w, h])
+        out = {k: v for k, v in example.items() if k != key}
+        out[BOXES] = boxes[keep]
+        out[CLASSES] = np.asarray(objects["label"], np.int64).reshape(-1)[keep]
+        return out
+
+    return op
+
+
+@register("pet_trimap")
+def pet_trimap(key: str = "segmentation_mask", border: int = IGNORE) -> ExampleOp:
+    """oxford_iiit_pet's trimap (1 pet, 2 background, 3 border) -> segmentation 0 background,
+    1 pet, `border` for the border pixels (ignored by default)."""
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        del rng
+        trimap = np.asarray(example[key]).reshape(example[key].shape[:2])
+        mapped = np.select([trimap == 1, trimap == 2], [1, 0], border).astype(np.uint8)
+        out = {k: v for k, v in example.items() if k != key}
+        out[SEGMENTATION] = mapped
+        return out
+
+    return op
+
+
+def tfds_dense_features(features: Any) -> dict[str, Feature]:
+    """`boxes` and `classes` features for a TFDS FeaturesDict whose `objects` sequence holds
+    a `bbox` and a ClassLabel `label` (COCO, VOC); {} otherwise."""
+    import tensorflow_datasets as tfds
+
+    objects = features["objects"] if "objects" in features else None
+    inner = getattr(objects, "feature", None)
+    if not isinstance(inner, tfds.features.FeaturesDict) or not {"bbox", "label"} <= set(inner):
+        return {}
+    label = inner["label"]
+    if not isinstance(label, tfds.features.ClassLabel):
+        return {}
+    return {BOXES: Feature("boxes"), CLASSES: Feature("box_classes", tuple(label.names))}
 
 
 # ---------------------------------------------------------------------------------------------

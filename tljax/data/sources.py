@@ -262,6 +262,9 @@ def _tfds_source(name: str, split: str, data_dir: str) -> tuple[Sequence, Datase
     builder = _tfds_builder(str(version_dir))
     features = {(k if k != TEXT_ALIAS else "text"): _tfds_feature(v)
                 for k, v in builder.info.features.items()}
+    from tljax.data.dense import tfds_dense_features
+
+    features.update(tfds_dense_features(builder.info.features))
     splits = {s: _tfds_split(str(version_dir), s) for s in builder.info.splits}
     base, _ = parse_split(split)
     source, info = select_split(name, splits, split,

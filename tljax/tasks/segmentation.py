@@ -3,7 +3,7 @@
 Targets: `batch[target_key]` (default 'segmentation'), int (B, H, W) class ids; pixels equal
 to `ignore_index` (default 255, the VOC/Decathlon convention) or outside 0..C-1 count nowhere
 (neither in the loss nor in the metrics). Class names come from the dataset's feature of the
-same key (background, when there is one, is class 0).
+same key (background, when there is one, is class 0), or from the option `class_names`.
 
 Heads (`head`): 'fcn' (torchvision's FCNHead, multi-scale fusion when `head_input` names
 several CNN stages, finest first), 'deeplabv3' (ASPP), 'vit' (patch tokens: `head_input=
@@ -148,7 +148,8 @@ class Segmentation(Task):
                  target_key: str = "segmentation", ignore_index: int = 255,
                  loss: str = "xent", dice_weight: float = 1.0, head_width: int | None = None,
                  lateral_width: int = 128, dropout: float | None = None,
-                 decoder: str = "linear", prefix_tokens: int | None = None):
+                 decoder: str = "linear", prefix_tokens: int | None = None,
+                 class_names: tuple[str, ...] | list[str] | None = None):
         super().__init__(info)
         if head not in HEADS:
             raise InputError(f"task.head={head!r}: expected one of {', '.join(HEADS)}.")
@@ -159,7 +160,9 @@ class Segmentation(Task):
         self.target_key, self.ignore_index = target_key, ignore_index
         self.head_width, self.lateral_width, self.dropout = head_width, lateral_width, dropout
         self.decoder, self.prefix_tokens = decoder, prefix_tokens
-        self.class_names = info.class_names(target_key)
+        # Datasets whose masks carry no names (TFDS oxford_iiit_pet) name them here.
+        self.class_names = (list(class_names) if class_names is not None
+                            else info.class_names(target_key))
 
     @property
     def targets(self) -> tuple[str, ...]:
