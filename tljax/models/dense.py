@@ -176,7 +176,9 @@ class ViTSegHead(nn.Module):
             for i in range(self.num_upsamples):
                 x = nn.relu(_conv(self.width, 3, f"conv_{i}", self.dtype)(x))
                 x = resize_bilinear(x, (x.shape[1] * 2, x.shape[2] * 2))
-        return _conv(self.num_classes, 1, "classifier", self.dtype)(x).astype(jnp.float32)
+        # Zero-initialised like the classification head: uniform predictions at step 0.
+        return _conv(self.num_classes, 1, "classifier", self.dtype,
+                     kernel_init=nn.initializers.zeros)(x).astype(jnp.float32)
 
 
 _FPN_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # kaiming_uniform(a=1)
