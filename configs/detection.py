@@ -29,7 +29,13 @@ Arguments:
   runlocal                  a short run for the test suite (train[:512], 80 steps).
 
 FPN width 64 and two convolutions per tower (torchvision: 256 and 4) keep a step cheap on
-2 CPU cores. Measured numbers: see the README ("Object detection").
+2 CPU cores. Measured on the 500 test scenes after 300 steps of 32 (2 shared CPU cores):
+
+    init=pretrained                  mAP 55.5  mAP@.5 69.3  (15.8 min)
+    init=scratch                     mAP 18.3  mAP@.5 28.9  (18.9 min)
+    freeze=linear_probe              mAP 56.6  mAP@.5 73.9  ( 8.8 min)
+    empty prediction                 mAP  0
+    runlocal (test[:200])            mAP 15.5  mAP@.5 22.1
 """
 
 import ml_collections

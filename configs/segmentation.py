@@ -30,7 +30,13 @@ Arguments:
   res=PX                    input resolution (images and masks resized together).
   runlocal                  a short run for the test suite (train[:512], 60 steps).
 
-Measured numbers: see the README ("Semantic segmentation").
+Measured on the 500 test scenes after 200 steps of 32 (2 shared CPU cores):
+
+    init=pretrained                  mIoU 58.1  Dice 71.6  (22.8 min)
+    init=scratch                     mIoU 22.8  Dice 32.7  (23.0 min)
+    freeze=linear_probe              mIoU 48.2  Dice 63.0  ( 3.9 min)
+    all background                   mIoU  7.6
+    runlocal (test[:200])            mIoU 37.9 (all background 7.6)
 """
 
 import ml_collections

@@ -35,9 +35,9 @@ from tljax import data, freeze, models, sharding, tasks, train  # noqa: E402
 PRESETS = ("full", "linear_probe")
 
 
-def _flops(jitted: Any, *args: Any) -> float | None:
+def _flops(compiled: Any) -> float | None:
     try:
-        cost = jitted.lower(*args).compile().cost_analysis()
+        cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         return float(cost["flops"]) if cost and "flops" in cost else None
     except Exception:  # cost analysis is best effort (backend dependent)
@@ -70,11 +70,13 @@ def measure(name: str, reps: int) -> dict[str, Any]:
         phase = phases.get(0)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
                  "opt_state": phase.init(params), "rng": rng}
-        flops = _flops(phase.step, state, batch)
+        # One compilation serves both the FLOPs count and the timed steps.
+        step = phase.step.lower(state, batch).compile()
+        flops = _flops(step)
         holder = {"state": jax.tree_util.tree_map(jnp.array, state)}
 
-        def run(holder: dict = holder, phase: Any = phase) -> None:
-            holder["state"], metrics = phase.step(holder["state"], batch)
+        def run(holder: dict = holder, step: Any = step) -> None:
+            holder["state"], metrics = step(holder["state"], batch)
             jax.block_until_ready(metrics)
 
         run()  # compile
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
+    train.enable_compilation_cache()
     results = {"setup": {"platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
                          "machine": platform.machine(), "reps": args.reps}}
     for name in args.configs.split(","):
