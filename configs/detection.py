@@ -43,6 +43,8 @@ import ml_collections
 from tljax.config import nullable, parse_arg
 
 VALUE_RANGE = "value_range(-0.9921875,1.0)"  # (x - 127) / 128, as the weights were trained
+# torchvision's ResNets (and their FCOS / FCN / DeepLabV3) read ImageNet-normalised pixels.
+IMAGENET = "normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,10 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     dataset="fashion_scenes", res=64, max_boxes=8, weights="", runlocal=False)
     config = ml_collections.ConfigDict()
     config.seed = 0
-    common = (f"decode|resize_dense({arg.res})|rgb|{VALUE_RANGE}|"
+    scale = IMAGENET if arg.model == "resnet50" else VALUE_RANGE
+    common = (f"decode|resize_dense({arg.res})|rgb|{scale}|"
               f"drop('segmentation','image_id')|pad_boxes({arg.max_boxes})")
     if not arg.dataset.startswith(("fashion_scenes", "coco:")):  # TFDS coco/2017, voc/2007
-        common = (f"decode|tfds_objects|resize_dense({arg.res})|rgb|{VALUE_RANGE}|"
+        common = (f"decode|tfds_objects|resize_dense({arg.res})|rgb|{scale}|"
                   f"pad_boxes({arg.max_boxes})|keep('image','boxes','classes','box_mask')")
     config.input = dict(dataset=arg.dataset, data_dir=nullable(str), split="train",
                         batch_size=32, pp=common.replace("|rgb|", "|flip_lr_dense|rgb|"))

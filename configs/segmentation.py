@@ -44,6 +44,8 @@ import ml_collections
 from tljax.config import nullable, parse_arg
 
 VALUE_RANGE = "value_range(-0.9921875,1.0)"  # (x - 127) / 128, as the weights were trained
+# torchvision's ResNets (and their FCOS / FCN / DeepLabV3) read ImageNet-normalised pixels.
+IMAGENET = "normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))"
 CLASSES = 11
 
 
@@ -52,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     dataset="fashion_scenes", res=64, resnet_weights="", runlocal=False)
     config = ml_collections.ConfigDict()
     config.seed = 0
-    common = f"decode|resize_dense({arg.res})|rgb|{VALUE_RANGE}|drop('boxes','classes','image_id')"
+    scale = IMAGENET if arg.model == "resnet50" else VALUE_RANGE
+    common = f"decode|resize_dense({arg.res})|rgb|{scale}|drop('boxes','classes','image_id')"
     if arg.dataset.startswith("oxford_iiit_pet"):  # TFDS (prepared online): the trimap
         common = common.replace("decode|", "decode|pet_trimap|").replace(
             "'image_id'", "'image_id','label','species','file_name'")
