@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml | $(FASHION_MNIST) $(ESPEAK) $(POCKETSPHINX_DATA)
 
 data: $(STAMP)
 	$(PY) tools/prepare_data.py fashion_mnist bbc_news spoken_keywords spoken_speakers \
-		spoken_languages
+		spoken_languages fashion_scenes
 
 # The main job: real transfer learning on the offline default (see README).
 run: setup

@@ -4,6 +4,7 @@
     python tools/predict.py --workdir=runs/bbc --file=headlines.txt --top=2
     python tools/predict.py --workdir=runs/pets cat.jpg dog.png
     python tools/predict.py --workdir=runs/ner "Apple opens a new store in Paris"
+    python tools/predict.py --workdir=runs/det scene.png --out_dir=predictions
 
 The run's config.json rebuilds the task and the model (the same factory as training) and
 its evaluation preprocessing (`eval.pp`); results.json names the classes and describes the
@@ -14,6 +15,10 @@ line per input, the task's reading of the prediction, then a tab and the input:
 
     sports 0.974 | business 0.011 | politics 0.007\tArsenal beat Chelsea 2-0 in the cup final.
     Apple [company] | Paris [geo-loc]\tApple opens a new store in Paris
+
+Tasks that can draw their prediction (segmentation: the mask blended in; detection: boxes and
+labels) also write each input image with it as OUT_DIR/<input name>.png (default
+WORKDIR/predictions), through the task's `render`.
 """
 
 from __future__ import annotations
@@ -90,11 +95,13 @@ class Predictor:
             raise PredictError(f"{e} The run's checkpoints were deleted or never written; "
                                "re-run the training.") from None
         self.step = metadata.get("step")
+        self.draws = type(self.task).render is not tasks.Task.render
         self._outputs = jax.jit(lambda variables, inputs: self.model.apply(
             variables, inputs, train=False))
 
     def outputs(self, inputs: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
         """(model outputs, preprocessed batch) for raw inputs (paths or texts)."""
+        import jax
         from flax.errors import FlaxError
 
         from tljax import models
@@ -114,15 +121,31 @@ class Predictor:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PredictError(f"The run's model cannot take these inputs ({shapes} after the "
                                f"eval pp {self.config['eval']['pp']!r}): {first}") from None
-        return np.asarray(outputs), batch
+        return jax.tree_util.tree_map(np.asarray, outputs), batch
 
-    def describe(self, inputs: Sequence[str], top: int = 3, batch_size: int = 64) -> list[str]:
-        """One line per input: the task's reading of the prediction."""
+    def describe(self, inputs: Sequence[str], top: int = 3, batch_size: int = 64,
+                 out_dir: str | None = None) -> list[str]:
+        """One line per input: the task's reading of the prediction. With `out_dir`, tasks
+        that draw (`Task.render`) also write OUT_DIR/<input stem>.png per input."""
         lines = []
         for start in range(0, len(inputs), batch_size):
-            outputs, batch = self.outputs(inputs[start:start + batch_size])
+            chunk = inputs[start:start + batch_size]
+            outputs, batch = self.outputs(chunk)
             lines += self.task.describe(outputs, batch, top)
+            if out_dir is not None and self.draws:
+                images = [self.task.parse_input(text)["image"] for text in chunk]
+                pictures = self.task.render(outputs, batch, images)
+                for text, picture in zip(chunk, pictures or (), strict=False):
+                    write_png(picture, os.path.join(out_dir, Path(text).stem + ".png"))
         return lines
+
+
+def write_png(picture: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(np.asarray(picture, np.uint8)).save(path)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _read_lines(file: str) -> list[str]:
@@ -140,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="the training run's --workdir")
     parser.add_argument("--file", help="text run: a file with one text per line")
     parser.add_argument("--top", type=int, default=3, help="classes shown per input")
+    parser.add_argument("--out_dir", default=None,
+                        help="where tasks that draw (segmentation, detection) write one PNG "
+                             "per input (default: WORKDIR/predictions)")
     parser.add_argument("--verbose", action="store_true", help="tracebacks for input errors")
     args = parser.parse_args(argv)
     # Reading a checkpoint read-only on the host makes Orbax log setup notes that would bury
@@ -161,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             kind = "texts (or --file=lines.txt)" if text_run else "image files"
             raise PredictError(f"Nothing to predict: give {kind} after --workdir.")
         predictor = Predictor(args.workdir)
-        for text, line in zip(inputs, predictor.describe(inputs, max(args.top, 1)), strict=True):
+        out_dir = args.out_dir or os.path.join(args.workdir, "predictions")
+        lines = predictor.describe(inputs, max(args.top, 1), out_dir=out_dir)
+        for text, line in zip(inputs, lines, strict=True):
             shown = " ".join(text.split())
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
             print(f"{line}\t{shown}")

@@ -13,6 +13,8 @@ system or Python packages:
 * ``spoken_keywords``, ``spoken_speakers``, ``spoken_languages``: synthesized speech written as
   audio class folders to ``data_dir/<name>`` with Debian's ``espeak-ng`` (tljax.data.speech),
   online or not.
+* ``fashion_scenes``: a seeded composition of real Fashion-MNIST images into scenes with boxes
+  and masks (tljax.data.scenes), from the Debian files, online or not.
 
 This module imports TensorFlow (through the TFDS builders) only when a dataset is built.
 """
@@ -36,7 +38,8 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 OFFLINE_ENV = "TLJAX_OFFLINE"
 # Most catalog datasets (and TFDS's own metadata) are served from here.
 _TFDS_HOST = ("storage.googleapis.com", 443)
-LOCAL_BUILDS = ("fashion_mnist", "bbc_news", *audio.SPEECH_DATASETS)
+SCENES = "fashion_scenes"
+LOCAL_BUILDS = ("fashion_mnist", "bbc_news", *audio.SPEECH_DATASETS, SCENES)
 
 
 def is_online(timeout: float = 3.0) -> bool:
@@ -122,6 +125,8 @@ def prepare(name: str, data_dir: str | None = None, source: str = "auto") -> str
     data_dir = sources.resolve_data_dir(data_dir)
     if name in audio.SPEECH_DATASETS:
         return _prepare_speech(name, data_dir)
+    if name == SCENES:
+        return _prepare_scenes(data_dir)
     if name in sources.registered_names():
         sources.get_source(name, "train")  # an uninstalled package fails here, saying so
         _log(f"{name} is read directly from its installed package; nothing to prepare.")
@@ -167,6 +172,21 @@ def _prepare_speech(name: str, data_dir: str) -> str:
         speech.build(name, root)
         _, splits = audio.folder_splits(root)
         _log(f"Prepared {name} in {root}: { {k: len(v) for k, v in splits.items()} }")
+        return str(root)
+
+
+def _prepare_scenes(data_dir: str) -> str:
+    """Composes fashion_scenes into data_dir/fashion_scenes unless it is there already."""
+    from tljax.data import scenes
+
+    root = Path(data_dir) / SCENES
+    with _lock(data_dir, SCENES):
+        if (root / "manifest.json").exists():
+            _log(f"{SCENES} is already prepared in {root}.")
+            return str(root)
+        _log(f"Composing {SCENES} from Fashion-MNIST into {root}...")
+        sizes = scenes.build(root)
+        _log(f"Prepared {SCENES} in {root}: {sizes}")
         return str(root)
 
 

@@ -73,7 +73,7 @@ def register(name: str, *, random: bool = False, batched: bool = False):
 
 # Modules whose ops register on import (kept out of this file's import time).
 _OP_MODULES = ("tljax.data.text", "tljax.data.audio", "tljax.data.corruptions",
-               "tljax.data.vtab")
+               "tljax.data.vtab", "tljax.data.dense", "tljax.data.medical")
 
 
 def _import_op_modules() -> None:
@@ -234,6 +234,8 @@ _SAME_SHAPE = {
     "image": "add resize(...) or central_crop(...) to pp, and rgb if some images are grayscale",
     "mel": "add pad_or_crop(seconds=...) before the mel op",
     "audio": "add pad_or_crop(seconds=...) to pp",
+    "segmentation": "add resize_dense(...) to pp",
+    "boxes": "add pad_boxes(max_boxes) to pp",
 }
 
 

@@ -6,7 +6,9 @@ or, failing both, a TFDS catalog name (``fashion_mnist``, ``cifar10``, ``name/co
 ``name:1.2.0``) read from ``data_dir`` in array_record format through ``tfds`` data sources
 (no TensorFlow). Sources register with ``register_source`` in the module that reads them
 (tljax/data/text.py, tljax/data/folders.py, tljax/data/audio.py: ``audiofolder:/root`` and
-the synthesized speech sets ``spoken_keywords``, ``spoken_speakers``, ``spoken_languages``);
+the synthesized speech sets ``spoken_keywords``, ``spoken_speakers``, ``spoken_languages``;
+tljax/data/dense.py: ``coco:``, ``segfolder:``, ``fashion_scenes``; tljax/data/medical.py:
+``decathlon:``);
 each returns ``(source, info)`` for a split.
 
 `DatasetInfo.features` describes each feature of an example by kind ('image', 'text',
@@ -334,6 +336,9 @@ def _tfds_source(name: str, split: str, data_dir: str) -> tuple[Sequence, Datase
     builder = _tfds_builder(str(version_dir))
     features = {(k if k != TEXT_ALIAS else "text"): _tfds_feature(v)
                 for k, v in builder.info.features.items()}
+    from tljax.data.dense import tfds_dense_features
+
+    features.update(tfds_dense_features(builder.info.features))
     splits = {s: _tfds_split(str(version_dir), s) for s in builder.info.splits}
     source, info = select_split(name, splits, split,
                                  lambda sizes: DatasetInfo(name, features, sizes))
@@ -439,7 +444,8 @@ SourceFn = Callable[[str, str, str | None], tuple[Sequence, DatasetInfo]]
 _NAMED: dict[str, SourceFn] = {}
 _PREFIXED: dict[str, SourceFn] = {}
 # Modules whose sources register on import.
-_SOURCE_MODULES = ("tljax.data.text", "tljax.data.folders", "tljax.data.audio")
+_SOURCE_MODULES = ("tljax.data.text", "tljax.data.folders", "tljax.data.audio",
+                   "tljax.data.dense", "tljax.data.medical")
 
 
 def register_source(name: str, *, prefix: bool = False) -> Callable[[SourceFn], SourceFn]:

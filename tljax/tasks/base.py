@@ -19,7 +19,13 @@ The trainer knows nothing of labels, accuracy or argmax; it asks the task (chose
   targets                     batch keys the task reads besides the model's inputs;
   parse_input(text)           a raw input given to tools/predict.py (a file path or a text)
                               as an example for the eval pp;
-  describe(outputs, batch)    per example, the prediction as a line a person reads.
+  describe(outputs, batch)    per example, the prediction as a line a person reads;
+  render(outputs, batch, images)  optional: per example, the input image (as read, before
+                              the pp) with the prediction drawn on it, uint8 RGB, for
+                              tools/predict.py to save as PNG (dense tasks: boxes, masks);
+                              None when the task has nothing to draw.
+
+Outputs may be any pytree of arrays (the detection head returns per-level lists).
 
 A task is one module in tljax/tasks/ registered with `@register("name")`; see
 tljax/tasks/classification.py for the model of one.
@@ -102,6 +108,21 @@ class Task:
 
     def describe(self, outputs: np.ndarray, batch: Batch, top: int = 3) -> list[str]:
         raise NotImplementedError
+
+    def render(self, outputs: Any, batch: Batch, images: list[np.ndarray]
+               ) -> list[np.ndarray] | None:
+        return None
+
+
+def displayable(image: np.ndarray) -> np.ndarray:
+    """An input image as uint8 RGB: gray repeated, non-uint8 data stretched to 0..255."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.dtype != np.uint8:
+        lo, hi = float(image.min()), float(image.max())
+        image = np.rint((image - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
+    return np.repeat(image[..., :1], 3, axis=-1) if image.shape[-1] != 3 else image
 
 
 def eval_mask(batch: Batch, outputs: jnp.ndarray) -> jnp.ndarray:
