@@ -79,7 +79,7 @@ def test_textfile_dataset_keeps_its_comma_and_single_files_hold_out_10_percent()
     config = get_config("dataset=textfile:/d/train.csv,/d/test.csv,pooling=cls")
     assert config.input.dataset == "textfile:/d/train.csv,/d/test.csv"
     assert config.model.pooling == "cls" and config.eval.split == "test"
-    assert config.total_steps is None and config.total_epochs > 0  # epochs suit any size
+    assert config.get("total_steps") is None and config.total_epochs > 0  # epochs suit any size
     single = get_config("dataset=textfile:/d/all.jsonl")
     assert (single.input.split, single.eval.split) == ("train[:90%]", "train[90%:]")
     assert get_config("dataset=glue/sst2").eval.split == "validation"  # test has no labels

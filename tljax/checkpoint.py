@@ -36,6 +36,23 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore, Orbax's other reads of that checkpoint finish on an event loop
+    that is already closed, each reporting 'Event loop is closed' (ninety-odd tracebacks
+    after the one line that matters). Those reports, and only those, are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "tljax_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.tljax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 class RunCheckpoints:
     """Periodic and final saves of a run, keeping the newest `keep`."""
 
@@ -66,6 +83,7 @@ class RunCheckpoints:
                 state, data_state = self.restore(step, abstract)
             except Exception as e:  # noqa: BLE001 - whatever the cause, it cannot be used
                 failed.append((step, e))
+                _quiet_abandoned_reads()
                 print(f"Checkpoint {step} in {self._directory} cannot be restored "
                       f"({_reason(e)}); trying the one before.", file=sys.stderr, flush=True)
                 continue
@@ -161,6 +179,7 @@ def load_variables(directory: str, step: int | None = None) -> tuple[dict, dict]
                 state = _restore_as_numpy(manager, candidate)
             except Exception as e:  # noqa: BLE001 - whatever the cause, it cannot be used
                 failed.append((candidate, e))
+                _quiet_abandoned_reads()
                 print(f"Checkpoint {candidate} in {root} cannot be restored ({_reason(e)})"
                       f"{'; trying the one before' if len(steps) > 1 else ''}.",
                       file=sys.stderr, flush=True)

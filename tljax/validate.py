@@ -91,6 +91,19 @@ def choice(*names: str) -> Check:
     return check
 
 
+def sharding_rule(value: Any) -> str | None:
+    """'replicate', 'fsdp', or a PartitionSpec: per dimension None, an axis or a list of axes."""
+    def axis(entry: Any) -> bool:
+        return entry is None or isinstance(entry, str) or (
+            isinstance(entry, (list, tuple)) and all(isinstance(a, str) for a in entry))
+
+    if value in SHARDING or (isinstance(value, (list, tuple)) and all(map(axis, value))):
+        return None
+    return (f"one of {', '.join(SHARDING)}{closest(str(value), SHARDING, 'value')} or a "
+            "PartitionSpec as a list, one entry per dimension: None, a mesh axis name, or a "
+            "list of them (e.g. ['fsdp', 'model'])")
+
+
 def boolean(value: Any) -> str | None:
     return None if isinstance(value, (bool, np.bool_)) else "true or false"
 
@@ -191,7 +204,7 @@ def _rules() -> dict[str, Check]:
         "cache_features": boolean,
         "compute_dtype": choice(*DTYPES),
         "mesh": mesh,
-        "sharding_rules": regex_pairs(choice(*SHARDING)),
+        "sharding_rules": regex_pairs(sharding_rule),
         "keep_checkpoints": integer(1),
         "on_nonfinite": choice(*NONFINITE),
         "input.dataset": text,
