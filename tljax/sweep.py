@@ -12,6 +12,9 @@ A sweep file is plain Python defining
             "linear_probe": {"freeze": "linear_probe", "lr": 0.01}}
                                                    # (an arm's "config" key replaces CONFIG)
     METRIC = "accuracy"                            # optional: the final metric to tabulate
+    COLUMNS = {"ID": "accuracy",                   # optional: several metric columns, a key
+               "OOD": ["noise/accuracy", "blur/accuracy"],   # or the mean of several keys
+               "test": "test/accuracy|accuracy"}   # 'a|b': the first of them a run has
     DESCRIPTION = "..."                            # optional: a line above the table
 
 (`grid(freeze=[...], lr=[...])` builds ARMS from every combination, named by their values.)
@@ -23,8 +26,9 @@ trainer does that), so killing a sweep and starting it again redoes nothing fini
 Runs are separate processes (`--parallel` at a time). The report, WORKDIR/results.csv,
 WORKDIR/results.md and the plots metric_vs_parameters.png, metric_vs_time.png and
 curves.png, is rebuilt from the runs' results.json, config.json, metrics.jsonl and
-sweep_run.json after every run: mean +- std over seeds (sample std, n - 1) per arm, the
-trainable parameters, the step time and the wall time.
+sweep_run.json after every run: mean +- std over seeds (sample std, n - 1) per arm of the
+metric (or of each of COLUMNS; the plots use the first), the trainable parameters, the step
+time and the wall time.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class Sweep:
     seeds: list[int]
     metric: str | None = None
     description: str = ""
+    columns: dict[str, str | list[str]] | None = None  # label -> key, or keys to average
 
     def runs(self) -> list[Run]:
         """Seed-major order: every arm's first seed before any arm's second, so a partial
@@ -103,7 +108,8 @@ def load_sweep(path: str) -> Sweep:
                          "a directory.")
     return Sweep(config=module.CONFIG, arms=arms, seeds=list(getattr(module, "SEEDS", [0])),
                  metric=getattr(module, "METRIC", None),
-                 description=getattr(module, "DESCRIPTION", ""))
+                 description=getattr(module, "DESCRIPTION", ""),
+                 columns=getattr(module, "COLUMNS", None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +264,11 @@ def collect(sweep: Sweep, root: str) -> list[dict[str, Any]]:
         if results is None:
             continue
         metric = sweep.metric or results.get("main_metric", "accuracy")
+        columns = {label: _column(results["final_eval"], keys)
+                   for label, keys in (sweep.columns or {}).items()}
+        if columns:  # the first column is the table's metric (and the plots')
+            metric = next(iter(sweep.columns.values()))
+            metric = (metric if isinstance(metric, str) else metric[0]).split("|")[-1]
         config = _read_json(os.path.join(workdir, "config.json")) or {}
         spec = _read_json(os.path.join(workdir, RUN_FILE)) or {}
         rates = [r["examples_per_s"] for r in _records(workdir)
@@ -266,13 +277,27 @@ def collect(sweep: Sweep, root: str) -> list[dict[str, Any]]:
         parameters = results.get("parameters") or {}
         rows.append({
             "arm": run.arm, "seed": run.seed, "metric": metric,
-            "value": results["final_eval"][metric],
+            "value": (next(iter(columns.values())) if columns
+                      else results["final_eval"][metric]),
+            **columns,
             "trainable_parameters": parameters.get("trainable"),
             "parameters": parameters.get("total"),
             "step_seconds": batch / rates[-1] if rates and batch else None,
             "wall_seconds": spec.get("wall_seconds"),
         })
     return rows
+
+
+def _metric(final_eval: dict[str, float], key: str) -> float | None:
+    """final_eval[key]; 'a|b' is the first of a, b that the run reported."""
+    return next((final_eval[k] for k in key.split("|") if k in final_eval), None)
+
+
+def _column(final_eval: dict[str, float], keys: str | list[str]) -> float | None:
+    """A run's value of one of COLUMNS: a metric, or the mean of several (None if missing)."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    values = [_metric(final_eval, k) for k in keys]
+    return None if None in values else sum(values) / len(values)
 
 
 def summarize(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -283,7 +308,8 @@ def summarize(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not mine:
             continue
         summary = {"arm": arm, "seeds": len(mine), "metric": mine[0]["metric"]}
-        for key in ("value", "trainable_parameters", "step_seconds", "wall_seconds"):
+        for key in ("value", *(sweep.columns or {}), "trainable_parameters", "step_seconds",
+                    "wall_seconds"):
             values = [r[key] for r in mine if r[key] is not None]
             summary[key], summary[f"{key}_std"] = mean_std(values) if values else (None, None)
         out.append(summary)
@@ -298,16 +324,30 @@ def _fmt(value: float | None, std: float | None = None, scale: float = 1.0,
     return text + (f" +- {scale * std:.{digits}f}" if std else "")
 
 
+PERCENT = ("accuracy", "f1", "map", "mean_iou", "token_accuracy")
+
+
+def _is_percent(keys: str | list[str]) -> bool:
+    keys = [keys] if isinstance(keys, str) else keys
+    return all(k.split("|")[0].split("/")[-1] in PERCENT for k in keys)
+
+
 def markdown_table(sweep: Sweep, summary: list[dict[str, Any]]) -> str:
     metric = summary[0]["metric"] if summary else (sweep.metric or "metric")
-    percent = metric in ("accuracy", "f1", "map", "mean_iou", "token_accuracy")
-    lines = [f"| arm | {metric}{' (%)' if percent else ''} | trainable parameters | "
-             "step time (s) | wall time (s) | seeds |", "|---|---|---|---|---|---|"]
+    # (header, summary key, scale) of each metric column.
+    columns = [(f"{label}{' (%)' if _is_percent(keys) else ''}", label,
+                100 if _is_percent(keys) else 1)
+               for label, keys in sweep.columns.items()] if sweep.columns else [
+        (f"{metric}{' (%)' if _is_percent(metric) else ''}", "value",
+         100 if _is_percent(metric) else 1)]
+    lines = ["| arm | " + " | ".join(c[0] for c in columns) + " | trainable parameters | "
+             "step time (s) | wall time (s) | seeds |",
+             "|---|" + "---|" * len(columns) + "---|---|---|---|"]
     for s in summary:
         params = "-" if s["trainable_parameters"] is None else f"{s['trainable_parameters']:,.0f}"
-        lines.append(f"| {s['arm']} | {_fmt(s['value'], s['value_std'], 100 if percent else 1)}"
-                     f" | {params} | {_fmt(s['step_seconds'], digits=3)} | "
-                     f"{_fmt(s['wall_seconds'], digits=0)} | {s['seeds']} |")
+        values = " | ".join(_fmt(s[key], s[f"{key}_std"], scale) for _, key, scale in columns)
+        lines.append(f"| {s['arm']} | {values} | {params} | {_fmt(s['step_seconds'], digits=3)}"
+                     f" | {_fmt(s['wall_seconds'], digits=0)} | {s['seeds']} |")
     return "\n".join(lines)
 
 

@@ -5,6 +5,11 @@ The tree is `embedding`, `cls`, `pos_embedding`, `Transformer/encoderblock_{i}/
 `Transformer/encoder_norm`, optional `MAPHead_0` and `pre_logits` (the task's head is
 attached as `head` by `tljax.models.Model`), so a big_vision Linen checkpoint loads
 without renaming.
+
+Stochastic depth (Huang et al. 2016; `drop_path_rate` r): while training, each residual
+branch (attention, MLP) of block i of D is dropped for a whole example with probability
+r * i / (D - 1), the survivors scaled by 1 / (1 - rate), so the first block always runs and
+the last is dropped most; evaluation computes every branch. It holds no parameters.
 """
 
 from __future__ import annotations
@@ -67,17 +72,21 @@ class Encoder1DBlock(nn.Module):
     layernorm_eps: float = 1e-6
     gelu_approximate: bool = True
     dtype: Any = jnp.float32
+    drop_path: float = 0.0  # probability of dropping each residual branch per example
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        # One draw per example (broadcast over tokens and channels) drops a whole branch.
+        drop_path = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(  # noqa: E731
+            y, deterministic=not train)
         y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads, dtype=self.dtype,
             kernel_init=nn.initializers.xavier_uniform(), deterministic=True)(y, y)
-        x = x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+        x = x + drop_path(nn.Dropout(rate=self.dropout)(y, deterministic=not train))
         y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
         y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype)(y, train)
-        return x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+        return x + drop_path(nn.Dropout(rate=self.dropout)(y, deterministic=not train))
 
 
 class Encoder(nn.Module):
@@ -88,12 +97,15 @@ class Encoder(nn.Module):
     layernorm_eps: float = 1e-6
     gelu_approximate: bool = True
     dtype: Any = jnp.float32
+    drop_path_rate: float = 0.0  # the last block's; block i of D gets rate * i / (D - 1)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         for i in range(self.depth):
             block = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
-                                   self.gelu_approximate, self.dtype, name=f"encoderblock_{i}")
+                                   self.gelu_approximate, self.dtype,
+                                   self.drop_path_rate * i / max(self.depth - 1, 1),
+                                   name=f"encoderblock_{i}")
             x = block(x, train)
         return nn.LayerNorm(epsilon=self.layernorm_eps, name="encoder_norm")(x)
 
@@ -141,6 +153,7 @@ class ViT(nn.Module):
     layernorm_eps: float = 1e-6
     gelu_approximate: bool = True
     dtype: Any = jnp.float32
+    drop_path_rate: float = 0.0  # stochastic depth (see the module docstring)
 
     def blocks(self) -> list[str]:
         """Regexes of parameter paths from the input to the output, one per block group."""
@@ -164,7 +177,8 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]), x], axis=1)
         x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
-                    self.gelu_approximate, self.dtype, name="Transformer")(x, train)
+                    self.gelu_approximate, self.dtype, self.drop_path_rate,
+                    name="Transformer")(x, train)
         tokens = x
         if self.pool_type == "tok":
             x = x[:, 0]
