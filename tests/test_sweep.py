@@ -74,7 +74,11 @@ def test_columns_tabulate_several_metrics_and_means_of_metrics(tmp_path):
         (run / "results.json").write_text(json.dumps({
             "final_eval": final, "main_metric": "accuracy",
             "parameters": {"total": 100, "trainable": 10}}))
-    table = open(sweep_lib.write_report(sweep, str(tmp_path))["md"]).read()
+    paths = sweep_lib.write_report(sweep, str(tmp_path), report_dir=str(tmp_path / "report"))
+    assert set(os.listdir(tmp_path / "report")) == {
+        "results.md", "results.csv", "metric_vs_parameters.png", "curves.png"}  # no wall time
+    assert not os.path.exists(tmp_path / "results.md")
+    table = open(paths["md"]).read()
     assert "| arm | ID (%) | OOD (%) | loss | test (%) | absent (%) | trainable parameters |" \
         in table
     ood = [statistics.mean([0.5, 0.7]), statistics.mean([0.6, 0.7])]  # per run, then seeds

@@ -3,6 +3,8 @@
     python -m tljax.sweep --sweep=experiments/freeze_lite0.py --workdir=runs/freeze_lite0
     python -m tljax.sweep --sweep=... --workdir=... --parallel=2      # two runs at a time
     python -m tljax.sweep --sweep=... --workdir=... --report_only     # tables and plots only
+    python -m tljax.sweep --sweep=... --workdir=... --report_dir=experiments/NAME
+                                                    # the report there (to commit), not in WORKDIR
 
 A sweep file is plain Python defining
 
@@ -190,7 +192,8 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_sweep(sweep: Sweep, root: str, parallel: int = 1) -> list[Run]:
+def run_sweep(sweep: Sweep, root: str, parallel: int = 1, report_dir: str | None = None
+              ) -> list[Run]:
     """Runs every unfinished run, `parallel` at a time; returns the runs that failed."""
     runs = sweep.runs()
     todo = [r for r in runs if not is_finished(r.workdir(root))]
@@ -222,8 +225,8 @@ def run_sweep(sweep: Sweep, root: str, parallel: int = 1) -> list[Run]:
                   f"| {len(failed)} failed | elapsed {_duration(elapsed)} | ETA "
                   f"{_duration(eta)} | last: {process.run.arm} seed {process.run.seed}",
                   flush=True)
-            write_report(sweep, root)
-    write_report(sweep, root)
+            write_report(sweep, root, report_dir)
+    write_report(sweep, root, report_dir)
     return failed
 
 
@@ -351,14 +354,17 @@ def markdown_table(sweep: Sweep, summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(sweep: Sweep, root: str) -> dict[str, str]:
-    """results.csv (every run), results.md (mean +- std per arm) and the plots."""
+def write_report(sweep: Sweep, root: str, report_dir: str | None = None) -> dict[str, str]:
+    """results.csv (every run), results.md (mean +- std per arm) and the plots, from the runs
+    under `root`, written into `report_dir` (default: `root`)."""
     import csv
 
     rows = collect(sweep, root)
     if not rows:
         return {}
-    paths = {"csv": os.path.join(root, "results.csv"), "md": os.path.join(root, "results.md")}
+    out = report_dir or root
+    os.makedirs(out, exist_ok=True)
+    paths = {"csv": os.path.join(out, "results.csv"), "md": os.path.join(out, "results.md")}
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -368,12 +374,12 @@ def write_report(sweep: Sweep, root: str) -> dict[str, str]:
     with open(paths["md"], "w") as f:
         f.write(f"{header}Config `{sweep.config}`, seeds {sweep.seeds}; mean +- sample std "
                 f"over seeds.\n\n{markdown_table(sweep, summary)}\n")
-    paths.update(plot(sweep, root, rows, summary))
+    paths.update(plot(sweep, root, rows, summary, out))
     return paths
 
 
 def plot(sweep: Sweep, root: str, rows: list[dict[str, Any]],
-         summary: list[dict[str, Any]]) -> dict[str, str]:
+         summary: list[dict[str, Any]], out: str | None = None) -> dict[str, str]:
     """metric vs trainable parameters, metric vs wall time, eval curves per arm (PNG)."""
     import matplotlib
 
@@ -401,7 +407,7 @@ def plot(sweep: Sweep, root: str, rows: list[dict[str, Any]],
         ax.set_ylabel(f"final {metric}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        paths[name] = os.path.join(root, name)
+        paths[name] = os.path.join(out or root, name)
         fig.savefig(paths[name], dpi=100)
         plt.close(fig)
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
@@ -425,7 +431,7 @@ def plot(sweep: Sweep, root: str, rows: list[dict[str, Any]],
     if ax_loss.get_lines():
         ax_loss.legend(fontsize=7)
     fig.tight_layout()
-    paths["curves.png"] = os.path.join(root, "curves.png")
+    paths["curves.png"] = os.path.join(out or root, "curves.png")
     fig.savefig(paths["curves.png"], dpi=100)
     plt.close(fig)
     return paths
@@ -445,6 +451,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where the runs and the report go")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--report_only", action="store_true", help="only rebuild the report")
+    parser.add_argument("--report_dir", help="where the report goes (default: --workdir)")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
@@ -458,10 +465,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         sweep = load_sweep(args.sweep)
         failed: list[Run] = []
         if args.report_only:
-            paths = write_report(sweep, args.workdir)
+            paths = write_report(sweep, args.workdir, args.report_dir)
         else:
-            failed = run_sweep(sweep, args.workdir, args.parallel)
-            paths = write_report(sweep, args.workdir)
+            failed = run_sweep(sweep, args.workdir, args.parallel, args.report_dir)
+            paths = write_report(sweep, args.workdir, args.report_dir)
             if failed:
                 print(f"[sweep] {len(failed)} run(s) failed; start the sweep again to retry "
                       "them (finished runs are skipped).", file=sys.stderr)
