@@ -283,6 +283,15 @@ def test_random_ops_follow_the_rng(photo):
     assert not np.array_equal(_run(pp, photo, 7), _run(pp, photo, 8))
 
 
+def test_relabel_maps_classes_and_refuses_unmapped_ones():
+    flip = preprocess.Preprocess("relabel([2, 1, 0])")
+    assert [flip.example({"label": c}, None)["label"] for c in (0, 1, 2)] == [2, 1, 0]
+    merge = preprocess.Preprocess("relabel([0, 0, 1], key='coarse')")
+    assert merge.example({"coarse": 2, "label": 2}, None) == {"coarse": 1, "label": 2}
+    with pytest.raises(Exception, match="label 3 has no entry"):
+        flip.example({"label": 3}, None)
+
+
 def test_unknown_op_names_the_closest_and_the_valid_ones():
     with pytest.raises(ValueError, match="resise") as err:
         preprocess.Preprocess("decode|resise(32)")

@@ -61,6 +61,33 @@ def test_report_from_hand_written_results(tmp_path):
         assert os.path.getsize(paths[name]) > 1000
 
 
+def test_columns_tabulate_several_metrics_and_means_of_metrics(tmp_path):
+    columns = {"ID": "accuracy", "OOD": ["noise/accuracy", "blur/accuracy"], "loss": "loss",
+               "test": "test/accuracy|accuracy", "absent": "ema/accuracy"}
+    sweep = sweep_lib.Sweep(config="c.py", arms={"a": {}}, seeds=[0, 1], columns=columns)
+    finals = [{"accuracy": 0.8, "noise/accuracy": 0.5, "blur/accuracy": 0.7, "loss": 0.5,
+               "test/accuracy": 0.6},
+              {"accuracy": 0.9, "noise/accuracy": 0.6, "blur/accuracy": 0.7, "loss": 0.3}]
+    for seed, final in enumerate(finals):
+        run = tmp_path / "a" / f"seed_{seed}"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({
+            "final_eval": final, "main_metric": "accuracy",
+            "parameters": {"total": 100, "trainable": 10}}))
+    paths = sweep_lib.write_report(sweep, str(tmp_path), report_dir=str(tmp_path / "report"))
+    assert set(os.listdir(tmp_path / "report")) == {
+        "results.md", "results.csv", "metric_vs_parameters.png", "curves.png"}  # no wall time
+    assert not os.path.exists(tmp_path / "results.md")
+    table = open(paths["md"]).read()
+    assert "| arm | ID (%) | OOD (%) | loss | test (%) | absent (%) | trainable parameters |" \
+        in table
+    ood = [statistics.mean([0.5, 0.7]), statistics.mean([0.6, 0.7])]  # per run, then seeds
+    assert (f"| a | {85:.2f} +- {100 * statistics.stdev([0.8, 0.9]):.2f} | "
+            f"{100 * statistics.mean(ood):.2f} +- {100 * statistics.stdev(ood):.2f} | "
+            f"{0.4:.2f} +- {statistics.stdev([0.5, 0.3]):.2f} | "
+            f"{75:.2f} +- {100 * statistics.stdev([0.6, 0.9]):.2f} | - | 10 |") in table
+
+
 def test_bad_sweeps_fail_in_one_line(tmp_path):
     assert sweep_lib.main(["--sweep=nope.py", f"--workdir={tmp_path}"]) == 2
     bad = tmp_path / "bad.py"

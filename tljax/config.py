@@ -61,6 +61,13 @@ TOP_LEVEL = {
     "keep_checkpoints": "number of checkpoints kept in WORKDIR/checkpoints (at least 1)",
     "on_nonfinite": "a NaN or infinite loss or gradient: 'stop' the run (exit status 3, the "
                     "last finite checkpoint kept) or 'skip' that update",
+    "ema_decay": "exponential moving average of the weights, evaluated beside them as 'ema/...' "
+                 "(tljax.ema; None: off), e.g. 0.9 for a run of ~50 steps, 0.999 for thousands",
+    "early_stopping": "best-checkpoint selection on the eval split: dict(metric, patience, mode, "
+                      "min_delta) (tljax.selection; None: off)",
+    "extra_evals": "{name: dict(split[, pp, dataset, batch_size])}: more eval sets, evaluated "
+                   "with the eval split (missing keys from eval/input), metrics prefixed "
+                   "'name/' (e.g. a corrupted test set)",
     "expected": "published number this recipe reproduces: metric (a key of the final eval "
                 "metrics, compared in %), value, tolerance, source; for benchmarks of task "
                 "groups (VTAB) group and published [mean of group means, mean of tasks]",
@@ -99,7 +106,8 @@ def _defaults() -> dict[str, Any]:
         "unfreeze_warmup_steps": nullable(int), "cache_features": False,
         "compute_dtype": "float32", "mesh": [("data", -1)],
         "sharding_rules": [(".*", "replicate")], "keep_checkpoints": 2,
-        "on_nonfinite": "stop",
+        "on_nonfinite": "stop", "ema_decay": nullable(float),
+        "early_stopping": nullable(dict), "extra_evals": {},
         "init": {"source": nullable(str), "path": "", "dont_load": [], "arch": nullable(str),
                  "step": nullable(int)},
         "input": {"data_dir": nullable(str), "on_bad_example": "error"},
@@ -310,6 +318,15 @@ def validate(config: ml_collections.ConfigDict, model_fields: Iterable[str]) -> 
         if prefix == "total" and not given:
             raise ConfigError("No training duration: set one of total_steps, total_epochs, "
                               "total_examples.")
+
+
+def eval_sets(config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
+    """(metric prefix, dataset/split/pp/batch_size) of every evaluation: the eval split ('')
+    then each of `config.extra_evals` ('NAME/'), whose missing keys come from the eval's."""
+    main = {"dataset": config.input.dataset, "split": config.eval.split, "pp": config.eval.pp,
+            "batch_size": config.eval.batch_size}
+    return [("", main)] + [(f"{name}/", {**main, **dict(extra)})
+                           for name, extra in (config.get("extra_evals") or {}).items()]
 
 
 def steps(config: ml_collections.ConfigDict, prefix: str, *, batch_size: int,

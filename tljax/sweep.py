@@ -3,6 +3,8 @@
     python -m tljax.sweep --sweep=experiments/freeze_lite0.py --workdir=runs/freeze_lite0
     python -m tljax.sweep --sweep=... --workdir=... --parallel=2      # two runs at a time
     python -m tljax.sweep --sweep=... --workdir=... --report_only     # tables and plots only
+    python -m tljax.sweep --sweep=... --workdir=... --report_dir=experiments/NAME
+                                                    # the report there (to commit), not in WORKDIR
 
 A sweep file is plain Python defining
 
@@ -12,6 +14,9 @@ A sweep file is plain Python defining
             "linear_probe": {"freeze": "linear_probe", "lr": 0.01}}
                                                    # (an arm's "config" key replaces CONFIG)
     METRIC = "accuracy"                            # optional: the final metric to tabulate
+    COLUMNS = {"ID": "accuracy",                   # optional: several metric columns, a key
+               "OOD": ["noise/accuracy", "blur/accuracy"],   # or the mean of several keys
+               "test": "test/accuracy|accuracy"}   # 'a|b': the first of them a run has
     DESCRIPTION = "..."                            # optional: a line above the table
 
 (`grid(freeze=[...], lr=[...])` builds ARMS from every combination, named by their values.)
@@ -23,8 +28,9 @@ trainer does that), so killing a sweep and starting it again redoes nothing fini
 Runs are separate processes (`--parallel` at a time). The report, WORKDIR/results.csv,
 WORKDIR/results.md and the plots metric_vs_parameters.png, metric_vs_time.png and
 curves.png, is rebuilt from the runs' results.json, config.json, metrics.jsonl and
-sweep_run.json after every run: mean +- std over seeds (sample std, n - 1) per arm, the
-trainable parameters, the step time and the wall time.
+sweep_run.json after every run: mean +- std over seeds (sample std, n - 1) per arm of the
+metric (or of each of COLUMNS; the plots use the first), the trainable parameters, the step
+time and the wall time.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class Sweep:
     seeds: list[int]
     metric: str | None = None
     description: str = ""
+    columns: dict[str, str | list[str]] | None = None  # label -> key, or keys to average
 
     def runs(self) -> list[Run]:
         """Seed-major order: every arm's first seed before any arm's second, so a partial
@@ -103,7 +110,8 @@ def load_sweep(path: str) -> Sweep:
                          "a directory.")
     return Sweep(config=module.CONFIG, arms=arms, seeds=list(getattr(module, "SEEDS", [0])),
                  metric=getattr(module, "METRIC", None),
-                 description=getattr(module, "DESCRIPTION", ""))
+                 description=getattr(module, "DESCRIPTION", ""),
+                 columns=getattr(module, "COLUMNS", None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +192,8 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_sweep(sweep: Sweep, root: str, parallel: int = 1) -> list[Run]:
+def run_sweep(sweep: Sweep, root: str, parallel: int = 1, report_dir: str | None = None
+              ) -> list[Run]:
     """Runs every unfinished run, `parallel` at a time; returns the runs that failed."""
     runs = sweep.runs()
     todo = [r for r in runs if not is_finished(r.workdir(root))]
@@ -216,8 +225,8 @@ def run_sweep(sweep: Sweep, root: str, parallel: int = 1) -> list[Run]:
                   f"| {len(failed)} failed | elapsed {_duration(elapsed)} | ETA "
                   f"{_duration(eta)} | last: {process.run.arm} seed {process.run.seed}",
                   flush=True)
-            write_report(sweep, root)
-    write_report(sweep, root)
+            write_report(sweep, root, report_dir)
+    write_report(sweep, root, report_dir)
     return failed
 
 
@@ -258,6 +267,11 @@ def collect(sweep: Sweep, root: str) -> list[dict[str, Any]]:
         if results is None:
             continue
         metric = sweep.metric or results.get("main_metric", "accuracy")
+        columns = {label: _column(results["final_eval"], keys)
+                   for label, keys in (sweep.columns or {}).items()}
+        if columns:  # the first column is the table's metric (and the plots')
+            metric = next(iter(sweep.columns.values()))
+            metric = (metric if isinstance(metric, str) else metric[0]).split("|")[-1]
         config = _read_json(os.path.join(workdir, "config.json")) or {}
         spec = _read_json(os.path.join(workdir, RUN_FILE)) or {}
         rates = [r["examples_per_s"] for r in _records(workdir)
@@ -266,13 +280,27 @@ def collect(sweep: Sweep, root: str) -> list[dict[str, Any]]:
         parameters = results.get("parameters") or {}
         rows.append({
             "arm": run.arm, "seed": run.seed, "metric": metric,
-            "value": results["final_eval"][metric],
+            "value": (next(iter(columns.values())) if columns
+                      else results["final_eval"][metric]),
+            **columns,
             "trainable_parameters": parameters.get("trainable"),
             "parameters": parameters.get("total"),
             "step_seconds": batch / rates[-1] if rates and batch else None,
             "wall_seconds": spec.get("wall_seconds"),
         })
     return rows
+
+
+def _metric(final_eval: dict[str, float], key: str) -> float | None:
+    """final_eval[key]; 'a|b' is the first of a, b that the run reported."""
+    return next((final_eval[k] for k in key.split("|") if k in final_eval), None)
+
+
+def _column(final_eval: dict[str, float], keys: str | list[str]) -> float | None:
+    """A run's value of one of COLUMNS: a metric, or the mean of several (None if missing)."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    values = [_metric(final_eval, k) for k in keys]
+    return None if None in values else sum(values) / len(values)
 
 
 def summarize(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -283,7 +311,8 @@ def summarize(sweep: Sweep, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not mine:
             continue
         summary = {"arm": arm, "seeds": len(mine), "metric": mine[0]["metric"]}
-        for key in ("value", "trainable_parameters", "step_seconds", "wall_seconds"):
+        for key in ("value", *(sweep.columns or {}), "trainable_parameters", "step_seconds",
+                    "wall_seconds"):
             values = [r[key] for r in mine if r[key] is not None]
             summary[key], summary[f"{key}_std"] = mean_std(values) if values else (None, None)
         out.append(summary)
@@ -298,27 +327,44 @@ def _fmt(value: float | None, std: float | None = None, scale: float = 1.0,
     return text + (f" +- {scale * std:.{digits}f}" if std else "")
 
 
+PERCENT = ("accuracy", "f1", "map", "mean_iou", "token_accuracy")
+
+
+def _is_percent(keys: str | list[str]) -> bool:
+    keys = [keys] if isinstance(keys, str) else keys
+    return all(k.split("|")[0].split("/")[-1] in PERCENT for k in keys)
+
+
 def markdown_table(sweep: Sweep, summary: list[dict[str, Any]]) -> str:
     metric = summary[0]["metric"] if summary else (sweep.metric or "metric")
-    percent = metric in ("accuracy", "f1", "map", "mean_iou", "token_accuracy")
-    lines = [f"| arm | {metric}{' (%)' if percent else ''} | trainable parameters | "
-             "step time (s) | wall time (s) | seeds |", "|---|---|---|---|---|---|"]
+    # (header, summary key, scale) of each metric column.
+    columns = [(f"{label}{' (%)' if _is_percent(keys) else ''}", label,
+                100 if _is_percent(keys) else 1)
+               for label, keys in sweep.columns.items()] if sweep.columns else [
+        (f"{metric}{' (%)' if _is_percent(metric) else ''}", "value",
+         100 if _is_percent(metric) else 1)]
+    lines = ["| arm | " + " | ".join(c[0] for c in columns) + " | trainable parameters | "
+             "step time (s) | wall time (s) | seeds |",
+             "|---|" + "---|" * len(columns) + "---|---|---|---|"]
     for s in summary:
         params = "-" if s["trainable_parameters"] is None else f"{s['trainable_parameters']:,.0f}"
-        lines.append(f"| {s['arm']} | {_fmt(s['value'], s['value_std'], 100 if percent else 1)}"
-                     f" | {params} | {_fmt(s['step_seconds'], digits=3)} | "
-                     f"{_fmt(s['wall_seconds'], digits=0)} | {s['seeds']} |")
+        values = " | ".join(_fmt(s[key], s[f"{key}_std"], scale) for _, key, scale in columns)
+        lines.append(f"| {s['arm']} | {values} | {params} | {_fmt(s['step_seconds'], digits=3)}"
+                     f" | {_fmt(s['wall_seconds'], digits=0)} | {s['seeds']} |")
     return "\n".join(lines)
 
 
-def write_report(sweep: Sweep, root: str) -> dict[str, str]:
-    """results.csv (every run), results.md (mean +- std per arm) and the plots."""
+def write_report(sweep: Sweep, root: str, report_dir: str | None = None) -> dict[str, str]:
+    """results.csv (every run), results.md (mean +- std per arm) and the plots, from the runs
+    under `root`, written into `report_dir` (default: `root`)."""
     import csv
 
     rows = collect(sweep, root)
     if not rows:
         return {}
-    paths = {"csv": os.path.join(root, "results.csv"), "md": os.path.join(root, "results.md")}
+    out = report_dir or root
+    os.makedirs(out, exist_ok=True)
+    paths = {"csv": os.path.join(out, "results.csv"), "md": os.path.join(out, "results.md")}
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -328,12 +374,12 @@ def write_report(sweep: Sweep, root: str) -> dict[str, str]:
     with open(paths["md"], "w") as f:
         f.write(f"{header}Config `{sweep.config}`, seeds {sweep.seeds}; mean +- sample std "
                 f"over seeds.\n\n{markdown_table(sweep, summary)}\n")
-    paths.update(plot(sweep, root, rows, summary))
+    paths.update(plot(sweep, root, rows, summary, out))
     return paths
 
 
 def plot(sweep: Sweep, root: str, rows: list[dict[str, Any]],
-         summary: list[dict[str, Any]]) -> dict[str, str]:
+         summary: list[dict[str, Any]], out: str | None = None) -> dict[str, str]:
     """metric vs trainable parameters, metric vs wall time, eval curves per arm (PNG)."""
     import matplotlib
 
@@ -361,7 +407,7 @@ def plot(sweep: Sweep, root: str, rows: list[dict[str, Any]],
         ax.set_ylabel(f"final {metric}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        paths[name] = os.path.join(root, name)
+        paths[name] = os.path.join(out or root, name)
         fig.savefig(paths[name], dpi=100)
         plt.close(fig)
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
@@ -385,7 +431,7 @@ def plot(sweep: Sweep, root: str, rows: list[dict[str, Any]],
     if ax_loss.get_lines():
         ax_loss.legend(fontsize=7)
     fig.tight_layout()
-    paths["curves.png"] = os.path.join(root, "curves.png")
+    paths["curves.png"] = os.path.join(out or root, "curves.png")
     fig.savefig(paths["curves.png"], dpi=100)
     plt.close(fig)
     return paths
@@ -405,6 +451,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where the runs and the report go")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--report_only", action="store_true", help="only rebuild the report")
+    parser.add_argument("--report_dir", help="where the report goes (default: --workdir)")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
@@ -418,10 +465,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         sweep = load_sweep(args.sweep)
         failed: list[Run] = []
         if args.report_only:
-            paths = write_report(sweep, args.workdir)
+            paths = write_report(sweep, args.workdir, args.report_dir)
         else:
-            failed = run_sweep(sweep, args.workdir, args.parallel)
-            paths = write_report(sweep, args.workdir)
+            failed = run_sweep(sweep, args.workdir, args.parallel, args.report_dir)
+            paths = write_report(sweep, args.workdir, args.report_dir)
             if failed:
                 print(f"[sweep] {len(failed)} run(s) failed; start the sweep again to retry "
                       "them (finished runs are skipped).", file=sys.stderr)

@@ -7,6 +7,10 @@ Everything a run writes lands in WORKDIR: config.json, metrics.jsonl,
 tensorboard/, checkpoints/, results.json and curves.png. Starting a run on a
 workdir that holds a checkpoint resumes it exactly.
 
+Regularisers that live in the train state or the loop have their own modules: the weight
+average (tljax.ema, `config.ema_decay`) and best-checkpoint selection with early stopping
+(tljax.selection, `config.early_stopping`).
+
 What goes wrong is handled where it is first seen: mistakes of input before anything is
 written (tljax.validate, tljax.workdir), a non-finite loss inside the step
 (tljax.nonfinite), SIGTERM at the next step boundary (tljax.preemption), an unreadable
@@ -31,6 +35,7 @@ from jax.experimental import multihost_utils
 from tljax import (
     accumulate,
     data,
+    ema,
     features,
     freeze,
     models,
@@ -38,6 +43,7 @@ from tljax import (
     optim,
     outputs,
     preemption,
+    selection,
     sharding,
     tasks,
     tree,
@@ -173,8 +179,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     phase_at = lambda step: phases.get(plan.index_at(max(step - 1, 0)))  # noqa: E731
 
     def new_state(phase: CompiledPhase) -> dict:
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-                "opt_state": phase.init(params), "rng": train_rng}
+        return ema.init_state({"step": jnp.zeros((), jnp.int32), "params": params,
+                               "model_state": model_state, "opt_state": phase.init(params),
+                               "rng": train_rng}, config.get("ema_decay"))
 
     def abstract_state(step: int) -> dict:
         phase = phase_at(step)
@@ -195,7 +202,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         train_iter.set_state(data_state)
         print(f"Resumed from {workdir}/checkpoints at step {first_step} (freeze phase "
               f"{plan.phases[phase.index].name!r}).", flush=True)
-    if first_step == total_steps and run.results is not None:
+    # Evaluations so far and the best weights (config.early_stopping); a run that stopped
+    # early is finished.
+    select = selection.Selection(config, workdir, first_step, is_chief)
+    if (first_step == total_steps or select.stopped) and run.results is not None:
         print(f"The run in {workdir} is finished (results.json); nothing to do.", flush=True)
         checkpoints.close()
         run.release()
@@ -216,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     stop = preemption.Watch()  # SIGTERM/SIGINT: save at the next step boundary, then stop
     step = first_step
     try:
-        for step in range(first_step + 1, total_steps + 1):
+        for step in range(first_step + 1, (select.stopped or total_steps) + 1):
             if plan.index_at(step - 1) != phase.index:
                 phase, state = phases.switch(state, plan.index_at(step - 1))
                 if is_chief:
@@ -232,23 +242,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                     "lr": lr_at(step - 1), **train_iter.bad_examples.counts()},
                              examples_per_step=batch_size)
             if every["eval_every"] and step % every["eval_every"] == 0 and step != total_steps:
-                writer.write(step, evaluate(state), kind="eval")
+                metrics = evaluate(state)
+                writer.write(step, metrics, kind="eval")
+                select.observe(step, metrics, state)
             stopping = stop.requested()
-            if _due(step, every["checkpoint_every"], total_steps) or stopping:
+            if _due(step, every["checkpoint_every"], total_steps) or stopping or select.stopped:
                 losses.check()  # a non-finite state is never saved
                 checkpoints.save(step, state, train_iter.get_state())
             if stopping:
                 raise stop.stopped(step, os.path.join(workdir, "checkpoints"))
+            if select.stopped:
+                print(f"Step {step}: no better {select.metric} in {select.patience} "
+                      f"evaluations; stopping (best at step {select.best['step']}).", flush=True)
+                break
 
-        final = evaluate(state)
-        writer.write(total_steps, final, kind="eval")
+        if not select.stopped:
+            final = evaluate(state)
+            writer.write(total_steps, final, kind="eval")
+            select.observe(total_steps, final, state)
+        final = select.final_eval()  # with early_stopping: the best evaluation's
         checkpoints.close()
         if is_chief:
             parameters = {"total": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
                           "trainable": phase.num_trainable}
             write_results(workdir, config, final, info, task, total_steps, parameters,
                           {"skipped_updates": losses.skipped,
-                           "bad_examples_skipped": train_iter.bad_examples.count})
+                           "bad_examples_skipped": train_iter.bad_examples.count,
+                           **select.summary()})
             outputs.plot_curves(workdir, task.main_metric)
     finally:
         stop.close()
@@ -379,8 +399,11 @@ class Phases:
                            "model_state": {k: v for k, v in self._shardings.items()
                                            if k != "params"},
                            "opt_state": opt_shardings, "rng": sharding.replicated(mesh)}
-        step = jax.jit(make_train_step(self._forward, self._loss_fn, tx, trainable,
-                                       self._config.get("accum_steps") or 1, self._prepare),
+        decay = self._config.get("ema_decay")
+        state_shardings = ema.shardings(state_shardings, decay)
+        step = jax.jit(ema.with_ema(make_train_step(self._forward, self._loss_fn, tx, trainable,
+                                                    self._config.get("accum_steps") or 1,
+                                                    self._prepare), decay),
                        donate_argnums=(0,),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
         sizes = {n: int(np.prod(x.shape)) for n, x in tree.flatten(param_shapes).items()}
@@ -401,7 +424,8 @@ def _due(step: int, interval: int | None, total_steps: int) -> bool:
 
 def make_evaluator(config: ml_collections.ConfigDict, model: Any, task: tasks.Task,
                    global_batch: Any) -> Callable[[dict], dict[str, float]]:
-    """The task's metrics over the whole eval split.
+    """The task's metrics over the whole eval split and each of `config.extra_evals`
+    (prefixed 'NAME/'), for the weights and for their average ('ema/', tljax.ema).
 
     The last batch is padded and masked, so no example is dropped or counted twice.
     """
@@ -412,16 +436,22 @@ def make_evaluator(config: ml_collections.ConfigDict, model: Any, task: tasks.Ta
                               models.inputs_of(model, batch), train=False)
         return task.eval_outputs(outputs, batch)
 
-    def evaluate(state: dict) -> dict[str, float]:
+    def metrics_of(params: Any, model_state: dict, where: dict[str, Any]) -> dict[str, float]:
         batches: Iterable[dict] = data.eval_batches(
-            dataset=config.input.dataset, split=config.eval.split, pp=config.eval.pp,
-            batch_size=config.eval.batch_size, data_dir=config.input.get("data_dir"),
+            dataset=where["dataset"], split=where["split"], pp=where["pp"],
+            batch_size=where["batch_size"], data_dir=config.input.get("data_dir"),
             process_index=jax.process_index(), process_count=jax.process_count())
         metrics = task.metrics()
         for batch in batches:
-            arrays = eval_step(state["params"], state["model_state"], global_batch(batch))
+            arrays = eval_step(params, model_state, global_batch(batch))
             metrics.update(multihost_utils.process_allgather(arrays, tiled=True))
         return metrics.result()
+
+    def evaluate(state: dict) -> dict[str, float]:
+        return {f"{weights}{prefix}{key}": value
+                for weights, params in ema.weights_to_evaluate(state)
+                for prefix, where in config_lib.eval_sets(config)
+                for key, value in metrics_of(params, state["model_state"], where).items()}
 
     return evaluate
 

@@ -30,6 +30,7 @@ import numpy as np
 from flax.errors import FlaxError
 
 from tljax import config as config_lib
+from tljax import selection
 from tljax.config import ConfigError, closest
 from tljax.errors import InputError, MissingFileError
 
@@ -221,6 +222,7 @@ def _rules() -> dict[str, Check]:
         "init.arch": optional(text),
         "init.step": optional(integer(0)),
         "init.dont_load": regexes,
+        "ema_decay": optional(number(0.0, high=1.0)),
         "expected.value": optional(number()),
         "expected.tolerance": optional(number(0.0)),
     }
@@ -267,6 +269,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if problem:
             raise ConfigError(f"config.{key}={_shown(value)}: expected {problem}.")
     _check_optimizer(config)
+    _check_extra_evals(config)
+    selection.check(config)
     _check_task(config)
     _check_model(config)
     _check_init(config)
@@ -284,6 +288,35 @@ def _check_optimizer(config: ml_collections.ConfigDict) -> None:
         problem = check(value)
         if problem:
             raise ConfigError(f"config.optim.{key}={value!r}: expected {problem}.")
+
+
+EXTRA_EVAL_KEYS = ("split", "pp", "dataset", "batch_size")
+
+
+def _check_extra_evals(config: ml_collections.ConfigDict) -> None:
+    """config.extra_evals: {name: dict(split[, pp, dataset, batch_size])}, the missing keys
+    taken from the eval's; a name is a metric prefix."""
+    extra = config.get("extra_evals") or {}
+    if not hasattr(extra, "items"):
+        raise ConfigError(f"config.extra_evals={_shown(extra)}: expected a dict "
+                          "{name: dict(split=..., pp=...)}.")
+    for name, spec in extra.items():
+        where = f"config.extra_evals.{name}"
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", name) or name == "ema":
+            raise ConfigError(f"{where}: a name is a metric prefix: letters, digits, '_' or "
+                              "'-', not 'ema'.")
+        if not hasattr(spec, "keys"):
+            raise ConfigError(f"{where}={_shown(spec)}: expected dict(split=..., pp=...).")
+        unknown = set(spec.keys()) - set(EXTRA_EVAL_KEYS)
+        if unknown:
+            raise ConfigError(f"{where} has unknown keys {sorted(unknown)}; valid: "
+                              f"{', '.join(EXTRA_EVAL_KEYS)}.")
+        for key, check in (("split", split), ("pp", pp), ("dataset", text),
+                           ("batch_size", integer(1))):
+            if key in spec or key == "split":
+                problem = check(spec.get(key))
+                if problem:
+                    raise ConfigError(f"{where}.{key}={spec.get(key)!r}: expected {problem}.")
 
 
 def _check_task(config: ml_collections.ConfigDict) -> None:
@@ -385,15 +418,28 @@ def _device_part(batch: dict) -> dict:
 def first_eval_batch(config: ml_collections.ConfigDict, process_index: int,
                      process_count: int) -> tuple[dict, int]:
     """(first batch, number of examples) of the eval pipeline the run will use; building it
-    checks the eval split and pp against the data."""
+    checks the eval split and pp against the data. Each of `config.extra_evals` is read
+    too, and must give the model the same inputs (keys, shapes past the batch axis)."""
     from tljax import data
 
-    batches = data.eval_batches(
-        dataset=config.input.dataset, split=config.eval.split, pp=config.eval.pp,
-        batch_size=config.eval.batch_size, data_dir=config.input.get("data_dir"),
-        process_index=process_index, process_count=process_count,
-        on_bad_example=config.input.on_bad_example)
-    return batches.batch_at(0), batches.num_examples
+    first = None
+    for prefix, where in config_lib.eval_sets(config):
+        batches = data.eval_batches(
+            dataset=where["dataset"], split=where["split"], pp=where["pp"],
+            batch_size=where["batch_size"], data_dir=config.input.get("data_dir"),
+            process_index=process_index, process_count=process_count,
+            on_bad_example=config.input.on_bad_example)
+        batch = batches.batch_at(0)
+        if first is None:
+            first = batch, batches.num_examples
+            continue
+        shapes = {k: np.shape(v)[1:] for k, v in _device_part(batch).items()}
+        expected = {k: np.shape(v)[1:] for k, v in _device_part(first[0]).items()}
+        if shapes != expected:
+            raise ConfigError(f"config.extra_evals.{prefix[:-1]} gives batches of {shapes} per "
+                              f"example, the eval split {expected}: use the same model inputs "
+                              "(resolution, max_len) in its pp.")
+    return first
 
 
 def check_batches(model: Any, task: Any, variables: Any, train_batch: dict,

@@ -37,7 +37,7 @@ from tljax.errors import InputError
 LOCK = ".lock"
 # What a checkpoint's contents and the data order depend on (see the module docstring).
 RESUME_KEYS = ("model_name", "model", "task", "freeze", "schedule", "llrd", "lr_mults",
-               "wd_mults", "optim", "grad_clip_norm", "cache_features", "seed",
+               "wd_mults", "optim", "grad_clip_norm", "cache_features", "ema_decay", "seed",
                "input.dataset", "input.split", "input.pp", "input.batch_size")
 
 

@@ -602,6 +602,23 @@ def multihot(depth: int, key: str = "labels", key_result: str | None = None) -> 
     return op
 
 
+@register("relabel")
+def relabel(mapping: Sequence[int], key: str = "label") -> ExampleOp:
+    """Integer class `key` c -> mapping[c]: an output-level shift (classes permuted or
+    merged), e.g. relabel([1, 2, 3, 4, 5, 6, 7, 8, 9, 0]) moves every class to the next id."""
+    table = [int(c) for c in mapping]
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        del rng
+        label = int(example[key])
+        if not 0 <= label < len(table):
+            raise ValueError(f"relabel: label {label} has no entry in the mapping of "
+                             f"{len(table)} classes.")
+        return {**example, key: table[label]}
+
+    return op
+
+
 # ---------------------------------------------------------------------------------------------
 # RandAugment.
 

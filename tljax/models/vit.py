@@ -17,6 +17,11 @@ Speed and memory options, none of which changes the function computed:
              `unscan_params` convert between the two layouts, and pretrained checkpoints are
              converted on loading. Freeze presets and LLRD see the stack as one block group;
              LoRA adapters and the HF/timm export expect the unscanned layout.
+
+Stochastic depth (Huang et al. 2016; `drop_path_rate` r): while training, each residual
+branch (attention, MLP) of block i of D is dropped for a whole example with probability
+r * i / (D - 1), the survivors scaled by 1 / (1 - rate), so the first block always runs and
+the last is dropped most; evaluation computes every branch. It holds no parameters.
 """
 
 from __future__ import annotations
@@ -84,18 +89,22 @@ class Encoder1DBlock(nn.Module):
     gelu_approximate: bool = True
     dtype: Any = jnp.float32
     attention: str = "xla"
+    drop_path: float = 0.0  # probability of dropping each residual branch per example
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        # One draw per example (broadcast over tokens and channels) drops a whole branch.
+        drop_path = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(  # noqa: E731
+            y, deterministic=not train)
         y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
         y = MultiHeadDotProductAttention(
             num_heads=self.num_heads, dtype=self.dtype, attention=self.attention,
             kernel_init=nn.initializers.xavier_uniform(),
             name="MultiHeadDotProductAttention_0")(y, y)
-        x = x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+        x = x + drop_path(nn.Dropout(rate=self.dropout)(y, deterministic=not train))
         y = nn.LayerNorm(epsilon=self.layernorm_eps)(x)
         y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype)(y, train)
-        return x + nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+        return x + drop_path(nn.Dropout(rate=self.dropout)(y, deterministic=not train))
 
 
 class Encoder(nn.Module):
@@ -109,6 +118,7 @@ class Encoder(nn.Module):
     attention: str = "xla"
     remat: str | None = None
     scan: bool = False
+    drop_path_rate: float = 0.0  # the last block's; block i of D gets rate * i / (D - 1)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -116,6 +126,9 @@ class Encoder(nn.Module):
         args = (self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
                 self.gelu_approximate, self.dtype, self.attention)
         if self.scan:
+            if self.drop_path_rate:
+                raise ValueError("drop_path_rate needs a rate per block, which scan=True cannot "
+                                 "give its one repeated block: set scan=False.")
             # One block traced once and iterated; each parameter gains a leading depth axis.
             body = nn.scan(lambda module, carry: (module(carry, train), None),
                            variable_axes={"params": 0},
@@ -123,7 +136,8 @@ class Encoder(nn.Module):
             x, _ = body(block(*args, name="encoderblock"), x)
         else:
             for i in range(self.depth):
-                x = block(*args, name=f"encoderblock_{i}")(x, train)
+                rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+                x = block(*args, rate, name=f"encoderblock_{i}")(x, train)
         return nn.LayerNorm(epsilon=self.layernorm_eps, name="encoder_norm")(x)
 
 
@@ -175,6 +189,7 @@ class ViT(nn.Module):
     attention: str = "xla"
     remat: str | None = None
     scan: bool = False
+    drop_path_rate: float = 0.0  # stochastic depth (see the module docstring)
 
     def blocks(self) -> list[str]:
         """Regexes of parameter paths from the input to the output, one per block group."""
@@ -201,6 +216,7 @@ class ViT(nn.Module):
         x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.layernorm_eps,
                     self.gelu_approximate, self.dtype, self.attention, self.remat, self.scan,
+                    self.drop_path_rate,
                     name="Transformer")(x, train)
         tokens = x
         if self.pool_type == "tok":
