@@ -16,6 +16,7 @@ Spec forms (`load_pretrained(spec)`):
     minilm                               all-MiniLM-L6-v2 (BERT) from its installed package
     ge2e                                 resemblyzer's GE2E speaker encoder (installed package);
                                          apply -> speaker embedding, see tljax.pretrained.ge2e
+    ge2e:/path/pretrained.pt             a GE2E (resemblyzer VoiceEncoder) file
     tljax:/workdir/or/checkpoint         a tljax checkpoint (from tools/convert_checkpoint.py
                                          or a training workdir)
 """
@@ -39,7 +40,7 @@ from tljax.pretrained.info import PretrainedInfo
 from tljax.pretrained.loading import merge_pretrained
 
 SOURCES = ("big_vision", "vit_jax", "timm", "hf", "torchvision", "efficientnet_lite",
-           "resnetv2", "bit", "tljax")
+           "resnetv2", "bit", "ge2e", "tljax")
 
 
 def _is_remote(path: str) -> bool:
@@ -142,6 +143,11 @@ def load_converted(source: str, path: str, arch: str | None = None, step: int | 
         if not os.path.exists(path) and re.fullmatch(r"(efficientnet_)?lite[0-4]", path):
             path = efficientnet.weights_file(path[-5:])  # the installed weights package
         return efficientnet.convert(readers.read_weights(path))
+    if source == "ge2e":
+        from tljax.pretrained import ge2e
+
+        _, variables, info = ge2e.load_ge2e(path or None)
+        return variables, info
     if source == "tljax":
         variables, metadata = readers.read_tljax(path, step)
         return variables, _tljax_info(metadata, variables)
