@@ -61,9 +61,36 @@ Arguments (comma-separated after the file name):
                        last_k_blocks(2), bitfit, lp_ft(lp_steps=30), ... (tljax.freeze).
   ckpt=SPEC, arch=NAME pretrained ResNet / ViT weights and architecture (see above).
   dataset=NAME         another audio dataset (see above); classes come from it.
-  runlocal             the CI variant: fewer epochs (see the table).
+  runlocal             the CI variant: a third of the epochs.
 
-Measured (RESULTS_PLACEHOLDER)
+Recipes: batch 32, AdamW (wd 1e-4), warmup then cosine to 0, clipping at 1.0, zero-initialised
+head. Image backbones: lr 1e-3 and half an epoch of warmup (language: 3e-4 and 2 epochs), 10
+epochs for keywords and 15 for speaker and language; training crops are random with a random
+shift of up to 0.1 s, pink noise at 10-30 dB SNR on half the clips and SpecAugment (2 time masks
+of up to 10 frames, 2 frequency masks of up to 8 bands); evaluation takes the centre crop.
+GE2E probe: lr 0.1, 30 epochs on cached embeddings; GE2E fine-tuning: lr 1e-3 with the head at
+30x, the image recipes' epochs, random crops and noise.
+
+Measured (test accuracy over the whole test split, `python experiments/audio_transfer.py`; jax
+0.10.2 on 2 CPU cores shared with other jobs at load 8-18, so the wall times are upper bounds):
+
+  task (chance)     Lite0 ImageNet   Lite0 scratch   GE2E probe   GE2E fine-tuned   GE2E scratch
+  keywords (8.3%)   91.7% (10 min)   18.3% (7 min)   75.8% (20 s)  95.0% (3.5 min)  GE2E_SCRATCH_KW
+  speaker (8.3%)    65.0% (11 min)   16.7% (11 min)  95.0% (20 s)  96.7% (4.7 min)  GE2E_SCRATCH_SPK
+  language (16.7%)  33.3% (20 min)   LANG_SCRATCH    46.3% (20 s)  70.4% (4.5 min) -
+
+  runlocal          keywords 60.8% (3.3 min), speaker 35.0% (3.5 min); GE2E probe: keywords
+                    70.8%, speaker 95.0%, language 46.3% (10-20 s each).
+IMAGE_SCRATCH_ROWS
+ImageNet initialisation is worth +73 points on keywords and +48 on speaker at the same budget
+(the scratch network barely leaves chance in 150 steps). The speaker encoder's frozen embedding
+identifies these voices from 240 clips better than a fine-tuned image network (95% vs 65%), and
+fine-tuned it is the best model on all three tasks. Language identification on held-out
+sentences spoken by held-out voices, from seven sentences per language, is the hardest: the
+ImageNet network at lr 1e-3 stayed at chance (the loss never left ln 6); at 3e-4 with two
+epochs of warmup it reaches 33.3%. Few-shot speaker identification with the frozen GE2E
+embeddings (experiments/ge2e_few_shot.py, 12 voices, 60 test clips, mean of 50 draws):
+62-64% with 1 clip per voice, 71-73% with 2, 82-84% with 5 (chance 8.3%).
 """
 
 from __future__ import annotations
@@ -73,11 +100,16 @@ import ml_collections
 from tljax.config import ConfigError, nullable, parse_arg
 
 RATE = 16000
-# task -> (default dataset, clip seconds for the CNNs/ViT, clip seconds for GE2E, epochs).
+# task -> default dataset, clip seconds for the CNNs/ViT and for GE2E, epochs, and the image
+# backbones' lr and warmup (epochs). Language: at lr 1e-3 with half an epoch of warmup the
+# ImageNet network's features were wrecked in the first steps and the loss stayed at ln 6.
 TASKS = {
-    "keywords": dict(dataset="spoken_keywords", seconds=1.0, ge2e_seconds=1.0, epochs=10),
-    "speaker": dict(dataset="spoken_speakers", seconds=1.5, ge2e_seconds=1.6, epochs=15),
-    "language": dict(dataset="spoken_languages", seconds=3.0, ge2e_seconds=1.6, epochs=15),
+    "keywords": dict(dataset="spoken_keywords", seconds=1.0, ge2e_seconds=1.0, epochs=10,
+                     lr=1e-3, warmup=0.5),
+    "speaker": dict(dataset="spoken_speakers", seconds=1.5, ge2e_seconds=1.6, epochs=15,
+                    lr=1e-3, warmup=0.5),
+    "language": dict(dataset="spoken_languages", seconds=3.0, ge2e_seconds=1.6, epochs=15,
+                     lr=3e-4, warmup=2.0),
 }
 MODELS = ("efficientnet_lite0", "resnet", "vit", "ge2e")
 ARGUMENTS = dict(task="keywords", model="efficientnet_lite0", init="pretrained", freeze="",
@@ -209,22 +241,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.unfreeze_warmup_steps = nullable(int)
     config.cache_features = False
     config.compute_dtype = "float32"
-    config.lr = 1e-3
-    epochs = recipe["epochs"]
+    config.lr = 1e-3 if ge2e else recipe["lr"]
+    epochs, warmup = recipe["epochs"], 0.5 if ge2e else recipe["warmup"]
     if ge2e and probe:
         # Unit-norm embeddings need large head weights: a large step, and the (deterministic)
         # embeddings computed once.
         config.lr, config.cache_features, epochs = 0.1, True, 30
-    elif ge2e and arg.init == "pretrained":
-        # The head starts at zero and must catch up with an encoder that is already good.
+    elif ge2e:
+        # Logits of a unit-norm embedding are bounded by the head's norm, which starts at zero:
+        # at the encoder's lr the loss stays at ln(classes) for the whole run (measured, from
+        # scratch as well as pretrained).
         config.lr_mults = [("^head/", 30.0)]
 
     for prefix in ("total", "warmup", "log_every", "eval_every", "checkpoint_every"):
         for unit in ("steps", "epochs", "examples"):
             config[f"{prefix}_{unit}"] = nullable(float if unit == "epochs" else int)
     config.total_epochs = float(epochs)
-    config.warmup_epochs = 0.5
-    config.log_every_steps = 10
+    config.warmup_epochs = warmup
+    config.log_every_steps = 50 if probe else 10
     config.checkpoint_every_steps = 200
     config.keep_checkpoints = 1
     config.mesh = [("data", -1)]
