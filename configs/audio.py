@@ -39,11 +39,12 @@ pixel values [0, 255] - a grey image - and then normalised as each checkpoint ex
 (EfficientNet-Lite (x - 127) / 128, torchvision ImageNet mean/std, ViT [-1, 1]); the plane is
 repeated into the 3 input channels, which keeps the pretrained stem's response (the same as
 summing its kernel over input channels on a 1-channel input). CNNs take the spectrogram at its
-own size (64 x 101 for 1 s; global pooling makes any size work). ViT cuts non-overlapping 16 x 16
-patches: the spectrogram is resized to a square `res` (224 for a pretrained B/16, so the
-checkpoint's 14 x 14 position grid is used as trained; otherwise resampled like any new
-resolution). Batch-norm statistics stay the checkpoint's (frozen) when pretrained and are
-learned from scratch runs, as in configs/quickstart.py.
+own size (64 x 101 for 1 s; global pooling makes any size work). ViT cuts non-overlapping
+patches of a square image: the spectrogram is resized to 224 x 224 for a pretrained ViT (a B/16
+then uses the checkpoint's 14 x 14 position grid as trained; other grids are resampled as for
+any new resolution), and to 64 x 64 with 8 x 8 patches for the scratch ViT. Batch-norm
+statistics stay the checkpoint's (frozen) when pretrained and are learned from scratch runs,
+as in configs/quickstart.py.
 
 GE2E reads the linear power mel of its own front end (40 bands, resemblyzer's
 normalize_volume to -30 dBFS) over a fixed window: 1.0 s for keywords, the 1.6 s it was trained
@@ -223,10 +224,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval = dict(split="test", pp=eval_pp, batch_size=64)
 
     # Model: a backbone and a new zero-initialised head.
-    config.model_name, config.model = _backbone(arg.model, arg.init, arg.arch)
     if arg.init == "pretrained":
         config.init = _pretrained_init(arg.model, arg.ckpt, arg.arch)
-    else:
+        arg.arch = arg.arch or config.init.arch or ""  # torchvision:resnet50:... -> resnet50
+    config.model_name, config.model = _backbone(arg.model, arg.init, arg.arch)
+    if arg.init != "pretrained":
         config.init = dict(source=nullable(str), path="", dont_load=[], arch=nullable(str))
 
     config.task = dict(name="classification", loss="softmax_xent")

@@ -75,9 +75,10 @@ def test_every_variant_is_a_valid_config(arg):
         "mel_spectrogram" if model_input == "mel" else "log_mel")
     if "ckpt=torchvision" in arg:
         assert (config.init.source, config.init.arch) == ("torchvision", "resnet50")
-        assert config.model.variant == "resnet50" or config.model.variant == "resnet18"
+        assert config.model.variant == "resnet50"  # the architecture of the checkpoint
     if "model=vit" in arg:  # ViT sees a square spectrogram: the checkpoint's 14x14 grid at 224
         assert config.eval.pp.endswith("resize(224)" if "ckpt" in arg else "resize(64)")
+        assert config.model.get("variant") == ("B/16" if "ckpt" in arg else None)
 
 
 def test_probe_caches_embeddings_and_fine_tuning_augments():
@@ -120,6 +121,30 @@ def test_ge2e_init_source_merges_the_real_weights():
                                   reference["params"]["lstm_2"]["hh"]["kernel"])
     assert merged["params"]["head"]["kernel"].shape == (256, 5)
     assert not merged["params"]["head"]["kernel"].any()
+
+
+def test_resnet_checkpoint_initialises_the_spectrogram_model(tmp_path):
+    """ckpt=torchvision:resnet18:FILE: every weight but the head comes from the file (a random
+    torchvision ResNet-18 here; no ImageNet ResNet is reachable offline)."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    import jax
+
+    from tljax.pretrained import loading
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=1000).eval()
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    config = audio_config.get_config(f"task=speaker,model=resnet,ckpt=torchvision:resnet18:"
+                                      f"{tmp_path / 'r18.pth'}")
+    model = models.build(config.model_name, dict(config.model), head=models.LinearHead(12))
+    image = np.zeros((1, 64, 151, 3), np.float32)  # 1.5 s of spectrogram
+    shapes = jax.eval_shape(model.init, jax.random.key(0), image)
+    merged = loading.init_from_config(
+        config.init, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+    np.testing.assert_array_equal(merged["params"]["conv1"]["kernel"],
+                                  reference.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+    assert merged["params"]["head"]["kernel"].shape == (512, 12)
 
 
 # ---------------------------------------------------------------------------------------------
