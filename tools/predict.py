@@ -3,14 +3,15 @@
     python tools/predict.py --workdir=runs/bbc "Arsenal beat Chelsea 2-0 in the cup final."
     python tools/predict.py --workdir=runs/bbc --file=headlines.txt --top=2
     python tools/predict.py --workdir=runs/pets cat.jpg dog.png
+    python tools/predict.py --workdir=runs/kws yes.wav clip.flac
     python tools/predict.py --workdir=runs/ner "Apple opens a new store in Paris"
     python tools/predict.py --workdir=runs/det scene.png --out_dir=predictions
 
 The run's config.json rebuilds the task and the model (the same factory as training) and
 its evaluation preprocessing (`eval.pp`); results.json names the classes and describes the
-dataset's features, which decide what an input is (an image file, a text, a sentence to
-split into words); the weights come from the newest checkpoint that restores (Orbax, no
-pickle; an unreadable newer one is named in one line and skipped). One
+dataset's features, which decide what an input is (an image file, an audio file, a text, a
+sentence to split into words); the weights come from the newest checkpoint that restores
+(Orbax, no pickle; an unreadable newer one is named in one line and skipped). One
 line per input, the task's reading of the prediction, then a tab and the input:
 
     sports 0.974 | business 0.011 | politics 0.007\tArsenal beat Chelsea 2-0 in the cup final.
@@ -68,9 +69,9 @@ def read_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def input_kind(results: dict[str, Any]) -> str:
-    """'image' when the run reads images, else 'text' (texts or sentences)."""
+    """'image' or 'audio' when the run reads those (files), else 'text' (texts or sentences)."""
     kinds = {f["kind"] for f in results["features"].values()}
-    return "image" if "image" in kinds else "text"
+    return next((kind for kind in ("image", "audio") if kind in kinds), "text")
 
 
 class Predictor:
@@ -159,7 +160,8 @@ def _read_lines(file: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="texts or sentences (text runs) or image files (image runs)")
+                        help="texts or sentences (text runs), image or audio files (image or "
+                        "audio runs)")
     parser.add_argument("--workdir", required=True, help="the training run's --workdir")
     parser.add_argument("--file", help="text run: a file with one text per line")
     parser.add_argument("--top", type=int, default=3, help="classes shown per input")
@@ -176,16 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Sharding info not provided")
     try:
         config, results = read_run(args.workdir)  # cheap checks before importing JAX
-        text_run = input_kind(results) == "text"
+        kind = input_kind(results)
         inputs = list(args.inputs)
         if args.file:
-            if not text_run:
-                raise PredictError("--file takes texts, but this run reads images; give "
-                                   "the image files as arguments.")
+            if kind != "text":
+                reads = "images" if kind == "image" else kind
+                raise PredictError(f"--file takes texts, but this run reads {reads}; give "
+                                   f"the {kind} files as arguments.")
             inputs += _read_lines(args.file)
         if not inputs:
-            kind = "texts (or --file=lines.txt)" if text_run else "image files"
-            raise PredictError(f"Nothing to predict: give {kind} after --workdir.")
+            what = "texts (or --file=lines.txt)" if kind == "text" else f"{kind} files"
+            raise PredictError(f"Nothing to predict: give {what} after --workdir.")
         predictor = Predictor(args.workdir)
         out_dir = args.out_dir or os.path.join(args.workdir, "predictions")
         lines = predictor.describe(inputs, max(args.top, 1), out_dir=out_dir)

@@ -339,6 +339,8 @@ def _tfds_source(name: str, split: str, data_dir: str) -> tuple[Sequence, Datase
     from tljax.data.dense import tfds_dense_features
 
     features.update(tfds_dense_features(builder.info.features))
+    if _audio_rate(builder.info.features) is not None:
+        features["sample_rate"] = Feature("int")
     splits = {s: _tfds_split(str(version_dir), s) for s in builder.info.splits}
     source, info = select_split(name, splits, split,
                                  lambda sizes: DatasetInfo(name, features, sizes))
@@ -349,6 +351,21 @@ def _tfds_source(name: str, split: str, data_dir: str) -> tuple[Sequence, Datase
 
 # GLUE's single-sentence tasks (glue/sst2, glue/cola) call their text 'sentence'.
 TEXT_ALIAS = "sentence"
+
+
+def _audio_rate(features: Any) -> int | None:
+    """The sample rate of a TFDS dataset's 'audio' feature (None: no audio, or no rate).
+
+    TFDS audio (speech_commands, spoken_digit, ...) is integer PCM at the rate its feature
+    declares; examples carry it as 'sample_rate', as audio folders do, so the audio pp ops
+    (which scale integer PCM to [-1, 1)) read both alike.
+    """
+    import tensorflow_datasets as tfds
+
+    feature = features["audio"] if "audio" in features else None
+    if isinstance(feature, tfds.features.Audio) and feature.sample_rate:
+        return int(feature.sample_rate)
+    return None
 
 
 def _as_text(example: dict[str, Any]) -> dict[str, Any]:
@@ -365,6 +382,7 @@ class _LazySplit(Sequence):
         self._builder, self._split, self._n = builder, split, num_examples
         self._source = None
         self._rename = TEXT_ALIAS in builder.info.features
+        self._sample_rate = _audio_rate(builder.info.features)
 
     def open(self) -> Sequence:
         if self._source is None:
@@ -379,6 +397,8 @@ class _LazySplit(Sequence):
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         examples = list(self.open().__getitems__(indices))
+        if self._sample_rate is not None:
+            examples = [{**e, "sample_rate": self._sample_rate} for e in examples]
         return [_as_text(e) for e in examples] if self._rename else examples
 
 

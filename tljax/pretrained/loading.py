@@ -132,7 +132,7 @@ def read_init_checkpoint(init_cfg: Mapping[str, Any], init_variables: Mapping[st
     """(converted checkpoint variables, dont_load regexes) for a config's `init` section.
 
     `init_cfg` (ConfigDict or dict): `source` (big_vision, vit_jax, timm, hf,
-    torchvision, efficientnet_lite, resnetv2/bit, tljax), `path` (file, directory, or
+    torchvision, efficientnet_lite, resnetv2/bit, ge2e, tljax), `path` (file, directory, or
     for online users a hub id / gs:// URL), optional `dont_load` (regexes), `arch`
     (timm/torchvision architecture name), `step` (tljax checkpoints). `init_variables`
     may be shapes only (`jax.eval_shape`), so a run reads - or fails to reach - its

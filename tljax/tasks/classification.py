@@ -174,9 +174,12 @@ class Classification(Task):
         return np.exp(outputs) / np.exp(outputs).sum(axis=-1, keepdims=True)
 
     def parse_input(self, text: str) -> dict[str, Any]:
+        """An image or audio file (by the run's features), or the text itself."""
         kinds = {f.kind for f in self.info.features.values()}
         if "image" in kinds:
             return {"image": read_image_file(text)}
+        if "audio" in kinds:
+            return read_audio_file(text)
         if "text" in kinds:
             return {"text": text}
         raise InputError(f"Cannot predict from the command line for features "
@@ -245,3 +248,18 @@ def read_image_file(path: str) -> np.ndarray:
         return decode_image(Path(path))
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(f"Cannot read image {path}: {e}") from None
+
+
+def read_audio_file(path: str) -> dict[str, Any]:
+    """{'audio': float32 mono, 'sample_rate'} of an audio file for prediction (the run's eval
+    pp resamples it), or an InputError naming the file."""
+    from tljax.data.audio import AUDIO_EXTENSIONS, AudioFileError, decode_audio
+
+    if not os.path.isfile(path):
+        raise InputError(f"No audio file {path} (this run classifies audio; give paths to "
+                         f"{'/'.join(AUDIO_EXTENSIONS)} files).")
+    try:
+        samples, rate = decode_audio(Path(path))
+    except AudioFileError as e:
+        raise InputError(str(e)) from None
+    return {"audio": samples, "sample_rate": rate}
