@@ -23,7 +23,8 @@ class ConfigError(InputError):
 
 TOP_LEVEL = {
     "seed": "integer seed: fixes initialisation, data order, augmentation and dropout",
-    "model_name": "model family: vit, resnet, resnetv2, vgg, efficientnet_lite or bert",
+    "model_name": "model family: vit, resnet, resnetv2, vgg, efficientnet_lite, bert, gpt2, "
+                  "llama, t5, ...",
     "model": "keyword arguments of the model family (checked against its constructor)",
     "init": "pretrained initialisation: source, path, dont_load regexes, arch, step",
     "input": "training data: dataset, split, pp, batch_size, data_dir",
@@ -41,6 +42,9 @@ TOP_LEVEL = {
     "unfreeze_warmup_steps": "lr re-warmup of a group unfrozen mid-run (None: warmup length)",
     "cache_features": "linear probe on backbone features computed once into WORKDIR/features",
     "compute_dtype": "'float32' or 'bfloat16' (parameters stay float32)",
+    "frozen_dtype": "store parameters that no phase trains in this dtype, e.g. 'bfloat16' "
+                    "(None: as initialised)",
+    "eval_at_start": "evaluate before the first step too (results.json: initial_eval)",
     "mesh": "list of (axis name, size) for the device mesh, -1 takes the remaining devices",
     "sharding_rules": "list of (regex, 'replicate' | 'fsdp') deciding parameter sharding",
     "keep_checkpoints": "number of checkpoints kept in WORKDIR/checkpoints",

@@ -118,6 +118,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Freeze schedule: phases of (labels, optimizer, compiled step), each built when first
     # reached; frozen parameters carry no optimizer state and no gradient.
     plan = freeze.Plan(config, params, model.blocks(), steps_per_epoch=train_size / batch_size)
+    if config.get("frozen_dtype"):
+        # Parameters no phase trains are stored narrower; the optimizer holds nothing for them.
+        params = freeze.store_frozen(params, plan, config.frozen_dtype)
+        plan = freeze.Plan(config, params, model.blocks(), train_size / batch_size)
     cached = None
     if config.get("cache_features"):
         cached = features.check_cacheable(config, plan, lora_options)
@@ -156,6 +160,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               **dict(config.lr_schedule))
 
     writer = outputs.MetricWriter(workdir, total_steps, enabled=is_chief)
+    initial = None
+    if config.get("eval_at_start") and first_step == 0:  # the starting point, for comparison
+        initial = evaluate(state)
+        writer.write(0, initial, kind="eval")
     train_losses: list[jax.Array] = []
     step = first_step
     for step in range(first_step + 1, total_steps + 1):
@@ -184,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints.close()
     writer.close()
     if is_chief:
-        write_results(workdir, config, final, info, task, total_steps)
+        write_results(workdir, config, final, info, task, total_steps, initial)
         outputs.plot_curves(workdir, task.main_metric)
     return final
 
@@ -324,8 +332,8 @@ def make_evaluator(config: ml_collections.ConfigDict, model: Any, task: tasks.Ta
 
     @jax.jit
     def eval_step(params: Any, model_state: dict, batch: dict) -> dict:
-        outputs = model.apply({"params": params, **model_state},
-                              models.inputs_of(model, batch), train=False)
+        outputs = task.eval_forward(model, {"params": params, **model_state},
+                                    models.inputs_of(model, batch))
         return task.eval_outputs(outputs, batch)
 
     def evaluate(state: dict) -> dict[str, float]:
@@ -360,13 +368,16 @@ def report_start(config: ml_collections.ConfigDict, params: Any, labels: Any, me
 
 
 def write_results(workdir: str, config: ml_collections.ConfigDict, final: dict[str, float],
-                  info: data.DatasetInfo, task: tasks.Task, total_steps: int) -> None:
+                  info: data.DatasetInfo, task: tasks.Task, total_steps: int,
+                  initial: dict[str, float] | None = None) -> None:
     results: dict[str, Any] = {
         "final_eval": final, "main_metric": task.main_metric, "steps": total_steps,
         "dataset": info.name, "eval_split": config.eval.split, "task": task.name,
         "class_names": task.output_names, "features": info.features_json(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if initial is not None:
+        results["initial_eval"] = initial
     expected = config.get("expected")
     if expected and expected.get("value") is not None:
         metric = expected.get("metric") or task.main_metric

@@ -4,6 +4,8 @@
     python tools/predict.py --workdir=runs/bbc --file=headlines.txt --top=2
     python tools/predict.py --workdir=runs/pets cat.jpg dog.png
     python tools/predict.py --workdir=runs/ner "Apple opens a new store in Paris"
+    python tools/predict.py --workdir=runs/lm --max_new_tokens=40 --temperature=0.8 \
+        --top_p=0.95 --seed=1 "The new phone"
 
 The run's config.json rebuilds the task and the model (the same factory as training) and
 its evaluation preprocessing (`eval.pp`); results.json names the classes and describes the
@@ -13,6 +15,11 @@ line per input, the task's reading of the prediction, then a tab and the input:
 
     sports 0.974 | business 0.011 | politics 0.007\tArsenal beat Chelsea 2-0 in the cup final.
     Apple [company] | Paris [geo-loc]\tApple opens a new store in Paris
+
+Tasks that generate text (causal_lm continues the input; seq2seq maps it to a target)
+decode with the KV cache (tljax.generate): greedy by default, or sampled with
+--temperature and --top_p (nucleus) from --seed, for at most --max_new_tokens tokens or
+until the task's eos; the line is the generated text ('\n' for newlines).
 """
 
 from __future__ import annotations
@@ -91,9 +98,26 @@ class Predictor:
         self.step = metadata.get("step")
         self._outputs = jax.jit(lambda variables, inputs: self.model.apply(
             variables, inputs, train=False))
+        self.generation = dict(max_new_tokens=32, temperature=0.0, top_p=1.0, seed=0)
+
+    def _generate(self, batch: dict[str, Any]) -> np.ndarray:
+        """New token ids (B, max_new_tokens) after each preprocessed input."""
+        import jax
+
+        from tljax.generate import generate
+
+        options = dict(self.generation)
+        if "input_ids" not in batch:
+            raise PredictError(f"The run's eval preprocessing {self.config['eval']['pp']!r} "
+                               "makes no input_ids to generate from.")
+        return generate(self.model, self.variables, batch["input_ids"],
+                        batch.get("attention_mask"), options["max_new_tokens"],
+                        options["temperature"], options["top_p"],
+                        jax.random.PRNGKey(options["seed"]), eos_id=self.task.eos_id)
 
     def outputs(self, inputs: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
-        """(model outputs, preprocessed batch) for raw inputs (paths or texts)."""
+        """(model outputs, preprocessed batch) for raw inputs (paths or texts); generated
+        token ids for tasks that generate."""
         from tljax import models
 
         rng = np.random.default_rng(0)  # eval pp is deterministic; the op signature wants one
@@ -104,6 +128,8 @@ class Predictor:
             raise PredictError(f"The run's eval preprocessing {self.config['eval']['pp']!r} "
                                f"failed on these inputs: {e}") from None
         device_batch = {k: v for k, v in batch.items() if np.asarray(v).dtype != object}
+        if self.task.generates:
+            return self._generate(device_batch), batch
         return np.asarray(self._outputs(self.variables,
                                         models.inputs_of(self.model, device_batch))), batch
 
@@ -131,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="the training run's --workdir")
     parser.add_argument("--file", help="text run: a file with one text per line")
     parser.add_argument("--top", type=int, default=3, help="classes shown per input")
+    parser.add_argument("--max_new_tokens", type=int, default=32,
+                        help="text generation: most tokens generated per input")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="text generation: 0 is greedy, > 0 samples")
+    parser.add_argument("--top_p", type=float, default=1.0,
+                        help="text generation: sample from the smallest set of tokens whose "
+                             "probability reaches top_p (nucleus)")
+    parser.add_argument("--seed", type=int, default=0, help="text generation: sampling seed")
     parser.add_argument("--verbose", action="store_true", help="tracebacks for input errors")
     args = parser.parse_args(argv)
     # Reading a checkpoint read-only on the host makes Orbax log setup notes that would bury
@@ -151,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         if not inputs:
             kind = "texts (or --file=lines.txt)" if text_run else "image files"
             raise PredictError(f"Nothing to predict: give {kind} after --workdir.")
+        if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+            raise PredictError("Need --max_new_tokens >= 1, --temperature >= 0 and "
+                               "0 < --top_p <= 1.")
         predictor = Predictor(args.workdir)
+        predictor.generation = dict(max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p,
+                                    seed=args.seed)
         for text, line in zip(inputs, predictor.describe(inputs, max(args.top, 1)), strict=True):
             shown = " ".join(text.split())
             shown = shown if len(shown) <= 80 else shown[:77] + "..."

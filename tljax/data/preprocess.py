@@ -69,7 +69,7 @@ def register(name: str, *, random: bool = False, batched: bool = False):
 
 
 # Modules whose ops register on import (kept out of this file's import time).
-_OP_MODULES = ("tljax.data.text", "tljax.data.audio")
+_OP_MODULES = ("tljax.data.text", "tljax.data.lm_text", "tljax.data.audio")
 
 
 def _import_op_modules() -> None:

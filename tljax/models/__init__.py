@@ -89,10 +89,13 @@ def from_config(config: Any, task: Any) -> Any:
     from tljax import freeze
     from tljax.models import lora
 
-    model_kwargs = json_kwargs(dict(config.get("model") or {}))
+    kwargs = json_kwargs(dict(config.get("model") or {}))
     dtype = config.get("compute_dtype") or "float32"
-    model = build(config["model_name"], model_kwargs, head=task.head(jnp.dtype(dtype)),
-                  head_input=task.head_input, dtype=dtype)
+    if jnp.dtype(dtype) != jnp.float32:
+        kwargs["dtype"] = jnp.dtype(dtype)
+    backbone = build_backbone(config["model_name"], **kwargs)
+    model = Model(backbone=backbone, head=task.head_for(backbone, jnp.dtype(dtype)),
+                  head_input=task.head_input)
     options = freeze.lora_options(config)
     return lora.LoRA(model, **options) if options else model
 

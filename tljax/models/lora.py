@@ -74,6 +74,11 @@ class LoRA:
     alpha: float = 16.0
     targets: Sequence[str] | None = None
 
+    def __post_init__(self) -> None:
+        # Hashable (jit's static arguments): a config's list of targets becomes a tuple.
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
