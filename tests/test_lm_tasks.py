@@ -384,6 +384,34 @@ def test_frozen_weights_in_bfloat16_hold_no_optimizer_state_and_train_the_same()
     np.testing.assert_allclose(losses["bfloat16"], losses[None], rtol=2e-2)
 
 
+def test_step_memory_accounts_parameters_and_optimizer_state_per_preset():
+    """tljax.memory on a tiny LM: Adam holds two moments per trained parameter (all for
+    full, the adapters for LoRA), bfloat16 storage halves the frozen bytes, and the compiled
+    step reports its activations."""
+    from tljax import memory
+
+    task = tasks.build_task({"name": "causal_lm"}, DatasetInfo("t", {}, {}))
+    ids = jnp.zeros((2, 8), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": ids}
+    results = {}
+    for name, changes in {"full": {}, "lora": {"freeze": "lora(rank=2, alpha=4)"},
+                          "lora_bf16": {"freeze": "lora(rank=2, alpha=4)",
+                                        "frozen_dtype": "bfloat16"}}.items():
+        config = _causal_config(**changes)
+        results[name] = memory.step_memory(config, models.from_config(config, task), task,
+                                           batch)
+    full, lora_, narrow = results["full"], results["lora"], results["lora_bf16"]
+    assert full["num_trainable"] == full["num_params"] and full["frozen_params"] == 0
+    assert 2 * full["params"] <= full["opt_state"] <= 2 * full["params"] + 64
+    assert 2 * lora_["trainable_params"] <= lora_["opt_state"] <= 2 * lora_[
+        "trainable_params"] + 64
+    assert narrow["frozen_params"] * 2 == lora_["frozen_params"]
+    assert narrow["trainable_params"] == lora_["trainable_params"]
+    assert narrow["opt_state"] == lora_["opt_state"]
+    assert all(r["activations"] > 0 and r["flops"] > 0 for r in results.values())
+    assert lora_["num_params"] - full["num_params"] == lora_["num_trainable"]  # adapters
+
+
 # ---------------------------------------------------------------------------------------------
 # seq2seq (T5): teacher forcing and generation in eval.
 

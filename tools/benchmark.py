@@ -7,6 +7,16 @@ warm-up call), its XLA FLOPs and the optimizer-state bytes, against a forward-on
 (loss without gradients); and one linear-probe epoch over --epoch_examples examples on
 cached features vs through the frozen backbone. Writes benchmarks/freeze_<platform>.json
 and prints a markdown table. Ratios are measured in one process on one machine.
+
+    python tools/benchmark.py --suite=lm_memory [--variant=smollm2-135m --batch=8 --length=128]
+
+lm_memory: on a Llama-family LM (SmolLM2-135M's shape; shapes only, no weights), per
+preset, the bytes of parameters, optimizer state and activations (XLA's temporary
+buffers of the compiled train step, `tljax.memory`) and the step's FLOPs: causal_lm with
+full, bitfit, LoRA, LoRA with the frozen base stored in bfloat16, with per-layer remat,
+and both; classification from the last token: LoRA, linear probe, and the linear probe
+on cached features. Compile-only, so the numbers do not depend on machine load. Writes
+benchmarks/lm_memory_<platform>.{json,md}.
 """
 
 from __future__ import annotations
@@ -180,9 +190,83 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LM_PRESETS = (  # (row name, task, freeze, config changes)
+    ("full", "causal_lm", "full", {}),
+    ("bitfit", "causal_lm", "bitfit", {}),
+    ("lora(8)", "causal_lm", "lora(rank=8, alpha=16)", {}),
+    ("lora(8), frozen bf16", "causal_lm", "lora(rank=8, alpha=16)",
+     {"frozen_dtype": "bfloat16"}),
+    ("lora(8), remat", "causal_lm", "lora(rank=8, alpha=16)", {"remat": True}),
+    ("lora(8), frozen bf16, remat", "causal_lm", "lora(rank=8, alpha=16)",
+     {"frozen_dtype": "bfloat16", "remat": True}),
+    ("lora(8), bf16 compute", "causal_lm", "lora(rank=8, alpha=16)",
+     {"compute_dtype": "bfloat16"}),
+    ("lora(8), bf16 compute, frozen bf16", "causal_lm", "lora(rank=8, alpha=16)",
+     {"compute_dtype": "bfloat16", "frozen_dtype": "bfloat16"}),
+    ("lora(8), bf16 compute, frozen bf16, remat", "causal_lm", "lora(rank=8, alpha=16)",
+     {"compute_dtype": "bfloat16", "frozen_dtype": "bfloat16", "remat": True}),
+    ("classification: lora(8)", "classification", "lora(rank=8, alpha=16)", {}),
+    ("classification: linear_probe", "classification", "linear_probe", {}),
+    ("classification: linear_probe, cached features", "classification", "linear_probe",
+     {"cache_features": True}),
+)
+
+
+def lm_memory_suite(args: argparse.Namespace) -> dict[str, Any]:
+    from tljax import memory, models, tasks
+    from tljax.data import DatasetInfo, Feature
+
+    info = DatasetInfo("bench", {"text": Feature("text"), "label": Feature(
+        "class_label", tuple(f"c{i}" for i in range(args.classes)))}, {})
+    ids = jnp.zeros((args.batch, args.length), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": ids,
+             "label": jnp.zeros((args.batch,), jnp.int32)}
+    results: dict[str, Any] = {"presets": {}}
+    for row, task_name, preset, changes in LM_PRESETS:
+        changes = dict(changes)
+        model_kwargs = {"variant": args.variant, "remat": changes.pop("remat", False)}
+        config = ml_collections.ConfigDict(dict(
+            model_name="llama", model=model_kwargs, optim=dict(name="adamw"), lr=1e-3,
+            lr_schedule=dict(decay_type="cosine", linear_end=0.0), grad_clip_norm=1.0,
+            freeze=preset, schedule=None, **changes))
+        spec = ({"name": "causal_lm"} if task_name == "causal_lm" else
+                {"name": "classification", "head_input": "last_token"})
+        task = tasks.build_task(spec, info)
+        model = models.from_config(config, task)
+        cached = None
+        if changes.get("cache_features"):
+            width = model.backbone.hidden_size
+            cached = {"features": jnp.zeros((args.batch, width)), "label": batch["label"]}
+        start = time.perf_counter()
+        result = memory.step_memory(config, model, task, batch, cached=cached)
+        results["presets"][row] = result
+        print(f"{row}: {memory.describe(result)} (compiled in "
+              f"{time.perf_counter() - start:.0f} s)", flush=True)
+    results["setup"] = {"model": f"llama {args.variant}", "batch": args.batch,
+                        "length": args.length, "optimizer": "adamw",
+                        "platform": jax.devices()[0].platform, "jax": jax.__version__}
+    return results
+
+
+def lm_markdown(results: dict[str, Any]) -> str:
+    setup = results["setup"]
+    mib = lambda b: f"{(b or 0) / 2**20:,.1f}"
+    lines = [f"{setup['model']}, batch {setup['batch']} x {setup['length']} tokens, adamw, "
+             f"compiled on {setup['platform']} (XLA memory and cost analysis).", "",
+             "| preset | trainable | params (MiB) | optimizer state (MiB) | activations (MiB) "
+             "| GFLOPs / step |", "|---|---|---|---|---|---|"]
+    for row, r in results["presets"].items():
+        lines.append(f"| {row} | {r['num_trainable']:,} | {mib(r['params'])} | "
+                     f"{mib(r['opt_state'])} | {mib(r['activations'])} | "
+                     f"{(r['flops'] or 0) / 1e9:,.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["freeze"], required=True)
+    parser.add_argument("--suite", choices=["freeze", "lm_memory"], required=True)
+    parser.add_argument("--variant", default="smollm2-135m", help="lm_memory: Llama variant")
+    parser.add_argument("--length", type=int, default=128, help="lm_memory: tokens per row")
     parser.add_argument("--model", default="S/16")
     parser.add_argument("--res", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
@@ -192,12 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent /
                                              "benchmarks"))
     args = parser.parse_args(argv)
-    results = freeze_suite(args)
+    if args.suite == "lm_memory":
+        results = lm_memory_suite(args)
+        name, table = f"lm_memory_{results['setup']['platform']}", lm_markdown(results)
+    else:
+        results = freeze_suite(args)
+        name, table = f"freeze_{results['setup']['platform']}", markdown(results)
     os.makedirs(args.out, exist_ok=True)
-    name = f"freeze_{results['setup']['platform']}"
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=2)
-    table = markdown(results)
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table + "\n")
     print(table)

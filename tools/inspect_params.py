@@ -1,7 +1,8 @@
 """Prints the parameter tree of a pretrained checkpoint: shapes, dtypes and counts.
 
     python tools/inspect_params.py SPEC [--depth=N]
-    python tools/inspect_params.py --config=CONFIG[:ARGS] [--step=N] [--config.KEY=VALUE ...]
+    python tools/inspect_params.py --config=CONFIG[:ARGS] [--step=N] [--memory]
+                                   [--config.KEY=VALUE ...]
 
 SPEC is any `tljax.load_pretrained` spec (hf:DIR, timm:[ARCH:]FILE, big_vision:FILE.npz,
 vit_jax:FILE.npz, torchvision:ARCH:FILE, efficientnet_lite0, minilm, tljax:DIR, ...).
@@ -9,6 +10,9 @@ vit_jax:FILE.npz, torchvision:ARCH:FILE, efficientnet_lite0, minilm, tljax:DIR, 
 With --config, prints the freeze schedule of a training config at step N (default 0):
 per parameter its block group, whether it trains in the phase of step N and its lr
 multiplier; the totals of trainable and all parameters; for LoRA the adapter count.
+--memory adds what the first phase's train step holds for one batch of the config
+(tljax.memory: parameters as stored, optimizer state, activations from the compiled step's
+memory analysis, FLOPs); it compiles the step, which takes a while for a large model.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def describe(variables: Mapping[str, Any], max_depth: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def describe_schedule(config: Any, step: int = 0) -> str:
+def describe_schedule(config: Any, step: int = 0, memory: bool = False) -> str:
     """The freeze schedule of `config` at `step`: one line per parameter, then totals.
 
     Builds only shapes (`jax.eval_shape`): no weights are loaded or computed.
@@ -84,7 +88,8 @@ def describe_schedule(config: Any, step: int = 0) -> str:
     batches = data.train_batches(dataset=config.input.dataset, split=config.input.split,
                                  pp=config.input.pp, batch_size=config.input.batch_size,
                                  seed=config.seed, data_dir=config.input.get("data_dir"))
-    model = models.from_config(config, tasks.build_task(config.get("task"), info))
+    task = tasks.build_task(config.get("task"), info)
+    model = models.from_config(config, task)
     sample = models.inputs_of(model, {k: np.asarray(v)[:1] for k, v in
                                       batches.batch_at(0).items()
                                       if np.asarray(v).dtype != object})
@@ -118,6 +123,14 @@ def describe_schedule(config: Any, step: int = 0) -> str:
         count, size = lora.count_adapters(params)
         lines.append(f"LoRA: {count} adapted kernels, {size:,} adapter parameters "
                      f"(rank {options['rank']}, alpha {options['alpha']})")
+    if memory:
+        from tljax import memory as step_memory
+
+        batch = {k: v for k, v in batches.batch_at(0).items() if np.asarray(v).dtype != object}
+        result = step_memory.step_memory(config, model, task, batch)
+        lines.append(f"train step of {config.input.batch_size} examples (phase 0"
+                     f"{', uncached' if config.get('cache_features') else ''}): "
+                     f"{step_memory.describe(result)}")
     return "\n".join(lines)
 
 
@@ -132,9 +145,11 @@ def _config_main(argv: list[str]) -> int:
     config_flags.DEFINE_config_file("config", None, "training config", flag_values=flag_values,
                                     lock_config=True)
     flags.DEFINE_integer("step", 0, "training step to inspect", flag_values=flag_values)
+    flags.DEFINE_boolean("memory", False, "also compile the train step and report its memory",
+                         flag_values=flag_values)
     flag_values(["inspect_params", *argv])
     try:
-        print(describe_schedule(flag_values.config, flag_values.step))
+        print(describe_schedule(flag_values.config, flag_values.step, flag_values.memory))
     except (ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
