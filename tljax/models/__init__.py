@@ -83,7 +83,8 @@ def from_config(config: Any, task: Any) -> Any:
 
     The one place that turns `config.model_name`, `config.model`, `config.compute_dtype`,
     the task and a `lora(...)` freeze preset into a module; the trainer and the tools
-    (predict, inspect_params) all call it. With LoRA the result is a `lora.LoRA` wrapper
+    (predict, inspect_params) all call it. The head is `task.head_for(backbone, dtype)`
+    (a language model's tasks attach its own LM head). With LoRA the result is a `lora.LoRA` wrapper
     whose variables also hold the adapters (`add_adapters`).
     """
     from tljax import freeze

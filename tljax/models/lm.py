@@ -42,6 +42,7 @@ past S is not checked under jit (XLA clamps the slice): size S for prompt + new 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -404,8 +405,6 @@ def decoding_parts(model: Any, **fields: Any) -> tuple[Any, nn.Module]:
     """(backbone with `fields` replaced, head) of any form `backbone_of` takes. A LoRA
     wrapper stays around the backbone, so its adapters apply: the backbone's parameter
     names are the same alone and inside a `Model` (which shares its scope)."""
-    import dataclasses
-
     inner, wrapper = _unwrap(model)
     backbone = backbone_of(inner).clone(**fields) if fields else backbone_of(inner)
     if wrapper is not None:
