@@ -118,8 +118,7 @@ def test_synthetic_gguf_matches_transformers(tied, tmp_path, monkeypatch):
     assert info.model_kwargs["num_kv_heads"] == 3
     ids = np.array([[2, 5, 9, 30, 31, 7], [0, 0, 4, 28, 29, 3]], np.int32)
     mask = (np.arange(6) >= np.array([[0], [2]])).astype(np.int32)
-    features, out = model.apply(variables, {"input_ids": ids, "attention_mask": mask})
-    ours = np.asarray(lm.lm_logits(model, variables, features, out))
+    ours = np.asarray(model.apply(variables, {"input_ids": ids, "attention_mask": mask}))
     positions = torch.clamp(torch.tensor(np.cumsum(mask, 1) - 1), min=0)
     with torch.no_grad():
         ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask),
@@ -241,14 +240,13 @@ def test_smollm2_logits_equal_transformers(smollm2, tokenizer):
     with torch.no_grad():
         ref32 = hf(torch.tensor(ids)).logits.numpy()
         ref64 = hf.double()(torch.tensor(ids)).logits.numpy()
-    features, out = jax.jit(model.apply)(variables, {"input_ids": ids})
-    ours32 = np.asarray(lm.lm_logits(model, variables, features, out))
+    ours32 = np.asarray(jax.jit(model.apply)(variables, {"input_ids": ids}))
     np.testing.assert_allclose(ours32, ref32, rtol=0, atol=1e-3)
     with jax.enable_x64():
-        model64 = model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
+        model64 = lm.with_lm_head(model.backbone.clone(dtype=jnp.float64,
+                                                       param_dtype=jnp.float64))
         variables64 = jax.tree.map(lambda x: np.asarray(x, np.float64), variables)
-        features, out = jax.jit(model64.apply)(variables64, {"input_ids": ids})
-        ours64 = np.asarray(lm.lm_logits(model64, variables64, features, out))
+        ours64 = np.asarray(jax.jit(model64.apply)(variables64, {"input_ids": ids}))
     assert ours64.dtype == np.float64
     np.testing.assert_allclose(ours64, ref64, rtol=0, atol=1e-4)
 
@@ -295,8 +293,7 @@ def test_smollm2_perplexity_on_bbc_news_beats_unigram(smollm2, tokenizer):
 
     @jax.jit
     def token_logp(batch):
-        features, out = model.apply(variables, {"input_ids": batch})
-        logits = lm.lm_logits(model, variables, features[:, :-1], out)
+        logits = model.apply(variables, {"input_ids": batch})[:, :-1]
         logp = jax.nn.log_softmax(logits, axis=-1)
         return jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1)[..., 0]
 

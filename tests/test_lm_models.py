@@ -22,7 +22,7 @@ import pytest
 import tljax
 from tljax import generate as gen
 from tljax import tree
-from tljax.models import build_backbone, lm, lora
+from tljax.models import Model, build_backbone, lm, lora
 from tljax.models import t5 as t5_lib
 from tljax.pretrained import gpt2 as pretrained_gpt2
 from tljax.pretrained import hf_lm
@@ -117,6 +117,8 @@ def _hf_logits(family: str, model, batch: dict[str, np.ndarray]) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_logits(model, variables, batch):
+    if isinstance(model, Model):  # a backbone with its LM head (load_pretrained)
+        return model.apply(variables, batch)
     features, out = model.apply(variables, batch)
     return lm.lm_logits(model, variables, features, out)
 
@@ -361,6 +363,8 @@ def test_load_pretrained_hf_directory(case, tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     model, variables, info = tljax.load_pretrained(f"hf:{tmp_path}")
     assert info.model_name == family and info.tokenizer_path == str(tmp_path / "tokenizer.json")
+    assert isinstance(model, Model) and isinstance(model.head, lm.LMHead)
+    assert info.task == ("seq2seq" if family == "t5" else "causal_lm")
     batch = _seq2seq_batch() if family == "t5" else _batch()
     real = _real(family, batch)
     np.testing.assert_allclose(_logits(model, variables, batch)[real],

@@ -34,7 +34,8 @@ class ConfigError(InputError):
 
 TOP_LEVEL = {
     "seed": "integer seed: fixes initialisation, data order, augmentation and dropout",
-    "model_name": "model family: vit, resnet, resnetv2, vgg, efficientnet_lite or bert",
+    "model_name": "model family: vit, resnet, resnetv2, vgg, efficientnet_lite, bert, gpt2, "
+                  "llama, t5, ...",
     "model": "keyword arguments of the model family (checked against its constructor)",
     "init": "pretrained initialisation: source, path, dont_load regexes, arch, step",
     "input": "training data: dataset, split, pp, batch_size, data_dir, workers (processes "
@@ -55,6 +56,9 @@ TOP_LEVEL = {
     "compute_dtype": "'float32' or 'bfloat16' (parameters stay float32)",
     "accum_steps": "split each batch into this many microbatches, gradients accumulated inside "
                    "the step (input.batch_size stays the batch of one update)",
+    "frozen_dtype": "store parameters that no phase trains in this dtype, e.g. 'bfloat16' "
+                    "(None: as initialised)",
+    "eval_at_start": "evaluate before the first step too (results.json: initial_eval)",
     "mesh": "list of (axis name, size) for the device mesh, -1 takes the remaining devices",
     "sharding_rules": "list of (regex, 'replicate' | 'fsdp' | PartitionSpec tuple) deciding "
                       "parameter sharding (tljax.sharding; tensor_parallel(family) for Megatron)",

@@ -137,6 +137,9 @@ def cached_batches(config: ml_collections.ConfigDict, model: Any, state: dict,
                    train_iter: pipeline.TrainBatches, workdir: str,
                    global_batch: Callable[[dict], dict]) -> CachedBatches:
     """Loads WORKDIR/features/<fingerprint>.npz, computing and saving it first if missing."""
+    if isinstance(model.head_input, (tuple, list)):
+        raise ConfigError(f"config.cache_features=True stores one array per example, but this "
+                          f"task's head reads {tuple(model.head_input)}; train without it.")
     path = os.path.join(workdir, "features", f"{fingerprint(config)}.npz")
     if os.path.exists(path):
         with np.load(path, allow_pickle=False) as f:

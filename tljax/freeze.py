@@ -377,8 +377,12 @@ class Plan:
                  blocks: Sequence[str] | None = None, steps_per_epoch: float | None = None):
         names = list(tree.flatten(params))
         # Groups with no parameters (e.g. BERT's pooler when unused) are not counted, so
-        # last_k_blocks, surgical indices and LLRD depths refer to groups that exist.
-        blocks = [b for b in blocks or [] if any(block_index(n, [b]) == 0 for n in names)]
+        # last_k_blocks, surgical indices and LLRD depths refer to groups that exist. The
+        # head group stays even when empty (a language model tied to its embedding): the
+        # presets that train "the head" then train nothing there, and say so.
+        blocks = list(blocks or [])
+        blocks = [b for b in blocks if b == HEAD and b == blocks[-1]
+                  or any(block_index(n, [b]) == 0 for n in names)]
         self.phases = phases_of(config, blocks, steps_per_epoch)
         self.blocks = blocks
         self._params = params
@@ -394,6 +398,12 @@ class Plan:
         self._lr_mults = _check_mults(config, "lr_mults")
         self._wd_mults = _check_mults(config, "wd_mults")
         self._groups: dict[int, dict[str, Group | None]] = {}
+        for index, phase in enumerate(self.phases):
+            if not self.trainable_names(index):
+                hint = ("" if any(n.startswith("head/") for n in names) else
+                        "; this model has no head/ parameters (a language model whose output "
+                        "is tied to its embedding): train LoRA adapters (lora(...)) or blocks")
+                raise ConfigError(f"Freeze phase {phase.name!r} trains no parameter{hint}.")
 
     def index_at(self, step: int) -> int:
         """The phase of the update applied at `step` (0-based count of earlier updates)."""
@@ -448,6 +458,27 @@ class Plan:
 
     def trainable_names(self, index: int) -> set[str]:
         return {n for n, g in self.groups(index).items() if g is not None}
+
+
+def frozen_names(plan: Plan) -> set[str]:
+    """Parameters that no phase of `plan` trains."""
+    trained = set().union(*(plan.trainable_names(i) for i in range(len(plan.phases))))
+    return set(tree.flatten(plan.param_shapes)) - trained
+
+
+def store_frozen(params: Any, plan: Plan, dtype: Any) -> Any:
+    """`params` with every parameter no phase trains cast to `dtype` (e.g. bfloat16).
+
+    Storage only: layers cast weights to their compute dtype where they use them, so a
+    float32 model computes in float32 with the rounded weights. The trained parameters
+    (adapters, heads) keep their dtype, and the optimizer, which holds no state for frozen
+    parameters, never sees the narrow ones.
+    """
+    import jax.numpy as jnp
+
+    frozen = frozen_names(plan)
+    return tree.map_with_names(
+        lambda name, x: x.astype(jnp.dtype(dtype)) if name in frozen else x, params)
 
 
 def carry_state(old_state: Any, new_state: Any) -> Any:

@@ -5,9 +5,9 @@ decoder-only families (GPT-2, Llama: the prompt is the start of the sequence) an
 T5 (the prompt is the encoder input; the decoder starts from `decoder_start_token_id`).
 One jit-compiled function per (model, shapes, sampling settings) runs
 
-  1. prefill: the padded prompt goes through `model.clone(decode=True)` in one call,
-     filling the cache (tljax.models.lm); the logits of each row's last real token give
-     the first new token (rows may be padded on either side);
+  1. prefill: the padded prompt goes through the backbone with `decode=True` in one call,
+     filling the cache (tljax.models.lm); the head's logits at each row's last real token
+     give the first new token (rows may be padded on either side);
   2. a `lax.while_loop`: choose a token, write it, feed it back (one cache slot per step),
      until `max_new_tokens` or until every row has produced `eos_id`.
 
@@ -20,7 +20,6 @@ After a row emits `eos_id`, its remaining tokens are `eos_id`.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -57,19 +56,25 @@ def _is_encoder_decoder(model: nn.Module) -> bool:
     return "decoder_input_ids" in model.inputs
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature",
-                                             "top_p", "eos_id"))
-def _generate(model: nn.Module, variables: Any, prompt_ids: jnp.ndarray,
-              prompt_mask: jnp.ndarray, rng: jax.Array, *, max_new_tokens: int,
-              temperature: float, top_p: float, eos_id: int | None) -> jnp.ndarray:
+def decode(model: Any, variables: Any, prompt_ids: jnp.ndarray, prompt_mask: jnp.ndarray,
+           rng: jax.Array, *, max_new_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0, eos_id: int | None = None) -> jnp.ndarray:
+    """New tokens (B, max_new_tokens), traceable: what `generate` jit-compiles, for callers
+    already inside jit (a seq2seq task's evaluation). Arguments as for `generate`."""
     batch, length = prompt_ids.shape
-    decoder = model.clone(decode=True)
-    seq2seq = _is_encoder_decoder(model)
+    backbone, head = lm.decoding_parts(model)
+    decoder, _ = lm.decoding_parts(model, decode=True)
+    seq2seq = _is_encoder_decoder(lm.backbone_of(model))
     ones = jnp.ones((batch, 1), jnp.int32)
+    head_params = variables["params"].get("head")
+    head_variables = {"params": head_params} if head_params is not None else {}
+
+    def logits_of(features: jnp.ndarray, out: dict) -> jnp.ndarray:
+        return head.apply(head_variables, (features, out.get("embedding")))
 
     if seq2seq:  # the decoder holds [start, new tokens]; the encoder runs once
         encoder_inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
-        encoded = model.apply(variables, encoder_inputs, method="encode")
+        encoded = backbone.apply(variables, encoder_inputs, method="encode")
         cache = lm.init_cache(model, batch, 1 + max_new_tokens)
 
         def step(cache, ids, mask):
@@ -78,7 +83,8 @@ def _generate(model: nn.Module, variables: Any, prompt_ids: jnp.ndarray,
                                                    encoded=encoded, mutable=["cache"])
             return features, out, state["cache"]
 
-        start = jnp.full((batch, 1), model.decoder_start_token_id, jnp.int32)
+        start_id = lm.backbone_of(model).decoder_start_token_id
+        start = jnp.full((batch, 1), start_id, jnp.int32)
         features, out, cache = step(cache, start, ones)
         last = features[:, -1]
     else:
@@ -92,9 +98,8 @@ def _generate(model: nn.Module, variables: Any, prompt_ids: jnp.ndarray,
 
         features, out, cache = step(cache, prompt_ids, prompt_mask)
         # The last real token of each row (the prompt may be padded on either side).
-        last_index = length - 1 - jnp.argmax(prompt_mask[:, ::-1] > 0, axis=1)
-        last = features[jnp.arange(batch), last_index]
-    logits = lm.lm_logits(model, variables, last, out)
+        last = features[jnp.arange(batch), lm.last_token_index(prompt_mask)]
+    logits = logits_of(last, out)
 
     fill = 0 if eos_id is None else eos_id
     tokens = jnp.full((batch, max_new_tokens), fill, jnp.int32)
@@ -113,11 +118,15 @@ def _generate(model: nn.Module, variables: Any, prompt_ids: jnp.ndarray,
             done = done | (token == eos_id)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
         features, out, cache = step(cache, token[:, None], ones)
-        logits = lm.lm_logits(model, variables, features[:, -1], out)
+        logits = logits_of(features[:, -1], out)
         return i + 1, tokens, cache, logits, rng, done
 
     state = (jnp.zeros((), jnp.int32), tokens, cache, logits, rng, done)
     return jax.lax.while_loop(cond, body, state)[1]
+
+
+_generate = jax.jit(decode, static_argnames=("model", "max_new_tokens", "temperature", "top_p",
+                                             "eos_id"))
 
 
 def generate(model: nn.Module, variables: Any, prompt_ids: Any, prompt_mask: Any = None,
@@ -125,12 +134,12 @@ def generate(model: nn.Module, variables: Any, prompt_ids: Any, prompt_mask: Any
              rng: jax.Array | None = None, eos_id: int | None = None) -> np.ndarray:
     """New tokens (B, max_new_tokens) int32 after `prompt_ids` (B, L).
 
-    `model`: a GPT-2 / Llama / T5 backbone (built with decode=False); `variables`: its
-    variables with any untied LM head at params['head'] (as `tljax.models.lm.init` and
-    `load_pretrained` give). `prompt_mask` (B, L): 1 for real tokens (default all ones).
-    temperature 0 is greedy; otherwise `rng` (default PRNGKey(0)) drives sampling from the
-    top-p nucleus. With `eos_id`, rows stop at it (padded with it) and the loop ends when
-    all rows have.
+    `model`: a GPT-2 / Llama / T5 backbone (built with decode=False) or a `Model` with an LM
+    head (what `load_pretrained` gives and `causal_lm` trains), either possibly wrapped in
+    LoRA; `variables`: its variables, with any untied LM head at params['head'].
+    `prompt_mask` (B, L): 1 for real tokens (default all ones). temperature 0 is greedy;
+    otherwise `rng` (default PRNGKey(0)) drives sampling from the top-p nucleus. With
+    `eos_id`, rows stop at it (padded with it) and the loop ends when all rows have.
     """
     if temperature < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"Need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, "

@@ -84,7 +84,8 @@ class MetricWriter:
                 continue
             parts.append(f"{key} {value:.4g}")
         if "examples_per_s" in record:
-            parts.append(f"{record['examples_per_s']:,.0f} ex/s")
+            rate = record["examples_per_s"]  # a large LM on a CPU runs < 1 ex/s
+            parts.append(f"{rate:,.0f} ex/s" if rate >= 100 else f"{rate:.3g} ex/s")
             parts.append(f"ETA {_duration(record['eta_s'])}")
         return " | ".join(parts)
 

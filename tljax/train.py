@@ -171,6 +171,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
 
+    if config.get("frozen_dtype"):
+        # Parameters no phase trains are stored narrower; the optimizer holds nothing for them.
+        params = freeze.store_frozen(params, plan, config.frozen_dtype)
+        plan = freeze.Plan(config, params, model.blocks(), steps_per_epoch=train_size / batch_size)
     checkpoints = RunCheckpoints(workdir, keep=config.keep_checkpoints)
     forward = features.head_forward(model) if cached else model_forward(model)
     phases = Phases(config, plan, forward, task.loss, mesh, variable_shardings, total_steps,
@@ -224,6 +228,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer = outputs.MetricWriter(workdir, total_steps, enabled=is_chief, resume_step=first_step)
     losses = nonfinite.Losses(config.on_nonfinite, checkpoints)  # NaN/inf: stop or skip
     stop = preemption.Watch()  # SIGTERM/SIGINT: save at the next step boundary, then stop
+    initial = None
+    if config.get("eval_at_start"):  # the starting point, for comparison
+        initial = next((r for r in outputs.read_metrics(workdir, strict=False)
+                        if r["kind"] == "eval" and r["step"] == 0), None)
+        if initial is None and first_step == 0:  # a resumed run reads it back
+            initial = evaluate(state)
+            writer.write(0, initial, kind="eval")
+        initial = {k: v for k, v in (initial or {}).items() if k not in ("step", "kind")}
     step = first_step
     try:
         for step in range(first_step + 1, (select.stopped or total_steps) + 1):
@@ -268,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             write_results(workdir, config, final, info, task, total_steps, parameters,
                           {"skipped_updates": losses.skipped,
                            "bad_examples_skipped": train_iter.bad_examples.count,
-                           **select.summary()})
+                           **select.summary()}, initial)
             outputs.plot_curves(workdir, task.main_metric)
     finally:
         stop.close()
@@ -432,8 +444,8 @@ def make_evaluator(config: ml_collections.ConfigDict, model: Any, task: tasks.Ta
 
     @jax.jit
     def eval_step(params: Any, model_state: dict, batch: dict) -> dict:
-        outputs = model.apply({"params": params, **model_state},
-                              models.inputs_of(model, batch), train=False)
+        outputs = task.eval_forward(model, {"params": params, **model_state},
+                                    models.inputs_of(model, batch))
         return task.eval_outputs(outputs, batch)
 
     def metrics_of(params: Any, model_state: dict, where: dict[str, Any]) -> dict[str, float]:
@@ -475,7 +487,8 @@ def report_start(config: ml_collections.ConfigDict, params: Any, labels: Any, me
 
 def write_results(workdir: str, config: ml_collections.ConfigDict, final: dict[str, float],
                   info: data.DatasetInfo, task: tasks.Task, total_steps: int,
-                  parameters: dict[str, int], skipped: dict[str, int] | None = None) -> None:
+                  parameters: dict[str, int], skipped: dict[str, int] | None = None,
+                  initial: dict[str, float] | None = None) -> None:
     results: dict[str, Any] = {
         "final_eval": final, "main_metric": task.main_metric, "steps": total_steps,
         "parameters": parameters,  # trainable: in the last freeze phase
@@ -484,6 +497,8 @@ def write_results(workdir: str, config: ml_collections.ConfigDict, final: dict[s
         "class_names": task.output_names, "features": info.features_json(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if initial:
+        results["initial_eval"] = initial
     expected = config.get("expected")
     if expected and expected.get("value") is not None:
         metric = expected.get("metric") or task.main_metric

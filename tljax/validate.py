@@ -454,7 +454,7 @@ def check_batches(model: Any, task: Any, variables: Any, train_batch: dict,
         return task.loss(model.apply(v, models.inputs_of(model, batch), train=False), batch)
 
     def eval_outputs(v: Any, batch: dict) -> Any:
-        return task.eval_outputs(model.apply(v, models.inputs_of(model, batch), train=False),
+        return task.eval_outputs(task.eval_forward(model, v, models.inputs_of(model, batch)),
                                  batch)
 
     for what, fn, batch in (("train", loss, train_batch), ("eval", eval_outputs, eval_batch)):

@@ -31,6 +31,13 @@ Each suite writes benchmarks/<suite>_<platform>.{json,md} (or --out) with the ma
 CPU model, core count and the load average before and after (the machine may be shared).
 Ratios are measured in one process on one machine; absolute times only mean something with
 the load they were measured under.
+
+lm_memory: on a Llama-family LM (SmolLM2-135M's shape; shapes only, no weights), per
+preset, the bytes of parameters, optimizer state and activations (XLA's temporary
+buffers of the compiled train step, `tljax.memory`) and the step's FLOPs: causal_lm with
+full, bitfit, LoRA, LoRA with the frozen base stored in bfloat16, with per-layer remat,
+and both; classification from the last token: LoRA, linear probe, and the linear probe
+on cached features. Compile-only, so the numbers do not depend on machine load.
 """
 
 from __future__ import annotations
@@ -221,9 +228,12 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["freeze", "step", "memory", "input"], required=True)
+    parser.add_argument("--suite", choices=["freeze", "step", "memory", "input", "lm_memory"],
+                        required=True)
     parser.add_argument("--model", default=None, help="ViT variant (S/16 freeze and step, "
                         "L/16 memory)")
+    parser.add_argument("--variant", default="smollm2-135m", help="lm_memory: Llama variant")
+    parser.add_argument("--length", type=int, default=128, help="lm_memory: tokens per row")
     parser.add_argument("--res", type=int, default=224)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--classes", type=int, default=10)
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "benchmarks"))
     args = parser.parse_args(argv)
     defaults = {"freeze": ("S/16", 8), "step": ("S/16", 8), "memory": ("L/16", 64),
-                "input": (None, 32)}[args.suite]
+                "input": (None, 32), "lm_memory": (None, 8)}[args.suite]
     args.model = args.model or defaults[0]
     args.batch = args.batch or defaults[1]
     setup = machine()

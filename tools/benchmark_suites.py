@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import io
 import os
@@ -444,4 +445,76 @@ def input_markdown(results: dict[str, Any]) -> str:
     lines.append(f"\nJPEG decoding alone, per image: {decode}.")
     ops = ", ".join(f"{k} {v:.2f}" for k, v in results["ms_per_example_by_op"].items())
     lines.append(f"\nOne thread, ms per example by stage: {ops}.")
+    return "\n".join(lines)
+
+
+LM_PRESETS = (  # (row name, task, freeze, config changes)
+    ("full", "causal_lm", "full", {}),
+    ("bitfit", "causal_lm", "bitfit", {}),
+    ("lora(8)", "causal_lm", "lora(rank=8, alpha=16)", {}),
+    ("lora(8), frozen bf16", "causal_lm", "lora(rank=8, alpha=16)",
+     {"frozen_dtype": "bfloat16"}),
+    ("lora(8), remat", "causal_lm", "lora(rank=8, alpha=16)", {"remat": True}),
+    ("lora(8), frozen bf16, remat", "causal_lm", "lora(rank=8, alpha=16)",
+     {"frozen_dtype": "bfloat16", "remat": True}),
+    ("lora(8), bf16 compute", "causal_lm", "lora(rank=8, alpha=16)",
+     {"compute_dtype": "bfloat16"}),
+    ("lora(8), bf16 compute, frozen bf16", "causal_lm", "lora(rank=8, alpha=16)",
+     {"compute_dtype": "bfloat16", "frozen_dtype": "bfloat16"}),
+    ("lora(8), bf16 compute, frozen bf16, remat", "causal_lm", "lora(rank=8, alpha=16)",
+     {"compute_dtype": "bfloat16", "frozen_dtype": "bfloat16", "remat": True}),
+    ("classification: lora(8)", "classification", "lora(rank=8, alpha=16)", {}),
+    ("classification: linear_probe", "classification", "linear_probe", {}),
+    ("classification: linear_probe, cached features", "classification", "linear_probe",
+     {"cache_features": True}),
+)
+
+
+def lm_memory_suite(args: argparse.Namespace) -> dict[str, Any]:
+    from tljax import memory, models, tasks
+    from tljax.data import DatasetInfo, Feature
+
+    info = DatasetInfo("bench", {"text": Feature("text"), "label": Feature(
+        "class_label", tuple(f"c{i}" for i in range(args.classes)))}, {})
+    ids = jnp.zeros((args.batch, args.length), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": ids,
+             "label": jnp.zeros((args.batch,), jnp.int32)}
+    results: dict[str, Any] = {"presets": {}}
+    for row, task_name, preset, changes in LM_PRESETS:
+        changes = dict(changes)
+        model_kwargs = {"variant": args.variant, "remat": changes.pop("remat", False)}
+        config = ml_collections.ConfigDict(dict(
+            model_name="llama", model=model_kwargs, optim=dict(name="adamw"), lr=1e-3,
+            lr_schedule=dict(decay_type="cosine", linear_end=0.0), grad_clip_norm=1.0,
+            freeze=preset, schedule=None, **changes))
+        spec = ({"name": "causal_lm"} if task_name == "causal_lm" else
+                {"name": "classification", "head_input": "last_token"})
+        task = tasks.build_task(spec, info)
+        model = models.from_config(config, task)
+        cached = None
+        if changes.get("cache_features"):
+            width = model.backbone.hidden_size
+            cached = {"features": jnp.zeros((args.batch, width)), "label": batch["label"]}
+        start = time.perf_counter()
+        result = memory.step_memory(config, model, task, batch, cached=cached)
+        results["presets"][row] = result
+        print(f"{row}: {memory.describe(result)} (compiled in "
+              f"{time.perf_counter() - start:.0f} s)", flush=True)
+    results["setup"] = {"model": f"llama {args.variant}", "batch": args.batch,
+                        "length": args.length, "optimizer": "adamw",
+                        "platform": jax.devices()[0].platform, "jax": jax.__version__}
+    return results
+
+
+def lm_memory_markdown(results: dict[str, Any]) -> str:
+    setup = results["setup"]
+    mib = lambda b: f"{(b or 0) / 2**20:,.1f}"
+    lines = [f"{setup['model']}, batch {setup['batch']} x {setup['length']} tokens, adamw, "
+             f"compiled on {setup['platform']} (XLA memory and cost analysis).", "",
+             "| preset | trainable | params (MiB) | optimizer state (MiB) | activations (MiB) "
+             "| GFLOPs / step |", "|---|---|---|---|---|---|"]
+    for row, r in results["presets"].items():
+        lines.append(f"| {row} | {r['num_trainable']:,} | {mib(r['params'])} | "
+                     f"{mib(r['opt_state'])} | {mib(r['activations'])} | "
+                     f"{(r['flops'] or 0) / 1e9:,.0f} |")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Prints the parameter tree of a pretrained checkpoint: shapes, dtypes and counts.
 
     python tools/inspect_params.py SPEC [--depth=N]
-    python tools/inspect_params.py --config=CONFIG[:ARGS] [--step=N] [--num_classes=N]
+    python tools/inspect_params.py --config=CONFIG[:ARGS] [--step=N] [--num_classes=N] [--memory]
                                    [--config.KEY=VALUE ...]
 
 SPEC is any `tljax.load_pretrained` spec (hf:DIR, timm:[ARCH:]FILE, big_vision:FILE.npz,
@@ -12,6 +12,9 @@ per parameter its block group, whether it trains in the phase of step N and its 
 multiplier; the totals of trainable and all parameters; for LoRA the adapter count. The
 dataset is not needed: without it the class count comes from --num_classes (or an
 onehot(N) in input.pp) and a synthetic input goes through input.pp.
+--memory adds what the first phase's train step holds for one batch of the config
+(tljax.memory: parameters as stored, optimizer state, activations from the compiled step's
+memory analysis, FLOPs); it compiles the step, which takes a while for a large model.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def _task_and_sample(config: Any, num_classes: int | None, image_size: int
 
 
 def describe_schedule(config: Any, step: int = 0, num_classes: int | None = None,
-                      image_size: int = 224) -> str:
+                      image_size: int = 224, memory: bool = False) -> str:
     """The freeze schedule of `config` at `step`: one line per parameter, then totals.
 
     Builds only shapes (`jax.eval_shape`): no weights are loaded or computed. The dataset
@@ -164,6 +167,14 @@ def describe_schedule(config: Any, step: int = 0, num_classes: int | None = None
         count, size = lora.count_adapters(params)
         lines.append(f"LoRA: {count} adapted kernels, {size:,} adapter parameters "
                      f"(rank {options['rank']}, alpha {options['alpha']})")
+    if memory:
+        from tljax import memory as step_memory
+
+        batch = {k: v for k, v in batch.items() if np.asarray(v).dtype != object}
+        result = step_memory.step_memory(config, model, task, batch)
+        lines.append(f"train step of {config.input.batch_size} examples (phase 0"
+                     f"{', uncached' if config.get('cache_features') else ''}): "
+                     f"{step_memory.describe(result)}")
     return "\n".join(lines)
 
 
@@ -179,6 +190,8 @@ def _config_main(argv: list[str]) -> int:
                         "not available")
     parser.add_argument("--image_size", type=int, default=224, help="side of the synthetic "
                         "image fed through input.pp when the dataset is not available")
+    parser.add_argument("--memory", action="store_true", help="also compile the train step "
+                        "and report what it holds (parameters, optimizer state, activations)")
     parser.add_argument("--verbose", action="store_true", help="tracebacks for input errors")
     overrides = [a[len("--config."):].partition("=") for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
@@ -186,7 +199,8 @@ def _config_main(argv: list[str]) -> int:
         config = config_lib.load(args.config)
         for key, _, value in overrides:
             config_lib.override(config, key, value)
-        print(describe_schedule(config, args.step, args.num_classes, args.image_size))
+        print(describe_schedule(config, args.step, args.num_classes, args.image_size,
+                               args.memory))
     except InputError as e:
         return exit_status(e, args.verbose)
     return 0

@@ -6,6 +6,8 @@
     python tools/predict.py --workdir=runs/kws yes.wav clip.flac
     python tools/predict.py --workdir=runs/ner "Apple opens a new store in Paris"
     python tools/predict.py --workdir=runs/det scene.png --out_dir=predictions
+    python tools/predict.py --workdir=runs/lm --max_new_tokens=40 --temperature=0.8 \
+        --top_p=0.95 --seed=1 "The new phone"
 
 The run's config.json rebuilds the task and the model (the same factory as training) and
 its evaluation preprocessing (`eval.pp`); results.json names the classes and describes the
@@ -20,6 +22,11 @@ line per input, the task's reading of the prediction, then a tab and the input:
 Tasks that can draw their prediction (segmentation: the mask blended in; detection: boxes and
 labels) also write each input image with it as OUT_DIR/<input name>.png (default
 WORKDIR/predictions), through the task's `render`.
+
+Tasks that generate text (causal_lm continues the input; seq2seq maps it to a target)
+decode with the KV cache (tljax.generate): greedy by default, or sampled with
+--temperature and --top_p (nucleus) from --seed, for at most --max_new_tokens tokens or
+until the task's eos; the line is the generated text ('\n' for newlines).
 """
 
 from __future__ import annotations
@@ -99,9 +106,26 @@ class Predictor:
         self.draws = type(self.task).render is not tasks.Task.render
         self._outputs = jax.jit(lambda variables, inputs: self.model.apply(
             variables, inputs, train=False))
+        self.generation = dict(max_new_tokens=32, temperature=0.0, top_p=1.0, seed=0)
+
+    def _generate(self, batch: dict[str, Any]) -> np.ndarray:
+        """New token ids (B, max_new_tokens) after each preprocessed input."""
+        import jax
+
+        from tljax.generate import generate
+
+        options = dict(self.generation)
+        if "input_ids" not in batch:
+            raise PredictError(f"The run's eval preprocessing {self.config['eval']['pp']!r} "
+                               "makes no input_ids to generate from.")
+        return generate(self.model, self.variables, batch["input_ids"],
+                        batch.get("attention_mask"), options["max_new_tokens"],
+                        options["temperature"], options["top_p"],
+                        jax.random.PRNGKey(options["seed"]), eos_id=self.task.eos_id)
 
     def outputs(self, inputs: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
-        """(model outputs, preprocessed batch) for raw inputs (paths or texts)."""
+        """(model outputs, preprocessed batch) for raw inputs (paths or texts); generated
+        token ids for tasks that generate."""
         import jax
         from flax.errors import FlaxError
 
@@ -116,6 +140,8 @@ class Predictor:
                                f"failed on these inputs: {e}") from None
         device_batch = {k: v for k, v in batch.items() if np.asarray(v).dtype != object}
         try:
+            if self.task.generates:
+                return self._generate(device_batch), batch
             outputs = self._outputs(self.variables, models.inputs_of(self.model, device_batch))
         except (ValueError, TypeError, KeyError, FlaxError) as e:
             shapes = ", ".join(f"{k} {np.shape(v)}" for k, v in sorted(device_batch.items()))
@@ -168,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out_dir", default=None,
                         help="where tasks that draw (segmentation, detection) write one PNG "
                              "per input (default: WORKDIR/predictions)")
+    parser.add_argument("--max_new_tokens", type=int, default=32,
+                        help="text generation: most tokens generated per input")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="text generation: 0 is greedy, > 0 samples")
+    parser.add_argument("--top_p", type=float, default=1.0,
+                        help="text generation: sample from the smallest set of tokens whose "
+                             "probability reaches top_p (nucleus)")
+    parser.add_argument("--seed", type=int, default=0, help="text generation: sampling seed")
     parser.add_argument("--verbose", action="store_true", help="tracebacks for input errors")
     args = parser.parse_args(argv)
     # Reading a checkpoint read-only on the host makes Orbax log setup notes that would bury
@@ -189,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         if not inputs:
             what = "texts (or --file=lines.txt)" if kind == "text" else f"{kind} files"
             raise PredictError(f"Nothing to predict: give {what} after --workdir.")
+        if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+            raise PredictError("Need --max_new_tokens >= 1, --temperature >= 0 and "
+                               "0 < --top_p <= 1.")
         predictor = Predictor(args.workdir)
+        predictor.generation = dict(max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p,
+                                    seed=args.seed)
         out_dir = args.out_dir or os.path.join(args.workdir, "predictions")
         lines = predictor.describe(inputs, max(args.top, 1), out_dir=out_dir)
         for text, line in zip(inputs, lines, strict=True):

@@ -72,8 +72,9 @@ def register(name: str, *, random: bool = False, batched: bool = False):
 
 
 # Modules whose ops register on import (kept out of this file's import time).
-_OP_MODULES = ("tljax.data.text", "tljax.data.audio", "tljax.data.corruptions",
-               "tljax.data.vtab", "tljax.data.dense", "tljax.data.medical")
+_OP_MODULES = ("tljax.data.text", "tljax.data.lm_text", "tljax.data.audio",
+               "tljax.data.corruptions", "tljax.data.vtab", "tljax.data.dense",
+               "tljax.data.medical")
 
 
 def _import_op_modules() -> None:

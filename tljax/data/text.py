@@ -7,10 +7,14 @@ Datasets (registered with `tljax.data.sources.register_source`):
   each class, files sorted by name, every fifth file (positions 4, 9, 14, ...) is ``test``, the
   rest ``train``; an exact duplicate of an earlier article (the corpus has 98) goes where that
   article went, so train and test share no text: 1,784 train / 441 test. Feature ``text`` is
-  the whole file (title line, blank line, body);
-* ``textfile:/a/train.csv,/a/test.jsonl``: ``text`` and ``label`` columns, first file ``train``,
-  second ``test``; a CSV/TSV row whose number of fields differs from the header's, or a JSONL
-  line that is not one JSON object, is an error naming the file and line;
+  the whole file (title line, blank line, body). ``bbc_news:CLASS`` (e.g. ``bbc_news:tech``)
+  holds that class's articles only, with the same split;
+* ``textfile:/a/train.csv,/a/test.jsonl``: a ``text`` column and optionally ``label`` (a
+  classification set), ``target`` (text-to-text pairs, for seq2seq) and ``prompt`` (prompts
+  of completions, for causal_lm); the columns of the first row are required in every row.
+  First file ``train``, second ``test``; a CSV/TSV row whose number of fields differs from
+  the header's, or a JSONL line that is not one JSON object, is an error naming the file and
+  line;
 * ``conll:/a/train.txt[,/a/test.txt]``: CoNLL-style token classification files: one token per
   line, the token in the first column and its tag (BIO / IOB2) in the last, columns separated
   by whitespace or tabs, a blank (or whitespace-only) line between sentences, ``-DOCSTART-``
@@ -244,13 +248,28 @@ def _bbc_news_splits(root: Path) -> tuple[list[str], dict[str, ListSource]]:
 
 
 @register_source("bbc_news")
+@register_source("bbc_news", prefix=True)
 def bbc_news_source(argument: str, split: str, data_dir: str | None = None
                     ) -> tuple[Sequence, DatasetInfo]:
-    del argument, data_dir
+    """`bbc_news`, or `bbc_news:CLASS` for one class's articles (same split, same labels)."""
+    del data_dir
     class_names, splits = _bbc_news_splits(bbc_news_root())
+    name = "bbc_news"
+    if argument:
+        if argument not in class_names:
+            raise ValueError(f"bbc_news:{argument}: no such class; classes: "
+                             f"{', '.join(class_names)}.")
+        label = class_names.index(argument)
+        splits = {k: _only_label(v, label) for k, v in splits.items()}
+        name = f"bbc_news:{argument}"
     features = classification_features("text", class_names)
-    return select_split("bbc_news", splits, split,
-                        lambda sizes: DatasetInfo("bbc_news", features, sizes))
+    return select_split(name, splits, split, lambda sizes: DatasetInfo(name, features, sizes))
+
+
+def _only_label(source: ListSource, label: int) -> ListSource:
+    keep = [i for i in range(len(source)) if source[i]["label"] == label]
+    return ListSource(text=[source[i]["text"] for i in keep],
+                      label=np.full(len(keep), label, np.int64))
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -333,6 +352,9 @@ def _label_ids(values: list[Any]) -> tuple[list[str], dict[str, int], Callable[[
     return names, {name: i for i, name in enumerate(names)}, spell
 
 
+TEXT_COLUMNS = ("prompt", "target")  # optional text columns of textfile rows besides `text`
+
+
 @register_source("textfile", prefix=True)
 def textfile_source(spec: str, split: str, data_dir: str | None = None
                     ) -> tuple[Sequence, DatasetInfo]:
@@ -344,34 +366,43 @@ def textfile_source(spec: str, split: str, data_dir: str | None = None
         (name, path, _read_rows(path))
         for name, path in zip(("train", "test")[: len(paths)], paths, strict=True)
     ]
-    for _, path, rows in files:
-        for line, row in rows:
-            missing = {"text", "label"} - set(row)
-            if missing:
-                raise InputError(
-                    f"{path}, line {line}: missing column(s) {sorted(missing)}; each row needs "
-                    f"'text' and 'label' (has {sorted(row)})."
-                )
-            if row["label"] is None or (isinstance(row["label"], str)
-                                        and not row["label"].strip()):
-                raise InputError(f"{path}, line {line}: empty label.")
     if not files[0][2]:
         raise InputError(f"{paths[0]} holds no examples.")
-    class_names, to_id, spell = _label_ids([row["label"] for _, row in files[0][2]])
+    first = files[0][2][0][1]
+    columns = ["text"] + [c for c in ("label", *TEXT_COLUMNS) if c in first]
+    for _, path, rows in files:
+        for line, row in rows:
+            missing = set(columns) - set(row)
+            if missing:
+                raise InputError(
+                    f"{path}, line {line}: missing column(s) {sorted(missing)}; every row needs "
+                    f"{', '.join(repr(c) for c in columns)} (has {sorted(row)})."
+                )
+            if "label" in columns and (row["label"] is None or (
+                    isinstance(row["label"], str) and not row["label"].strip())):
+                raise InputError(f"{path}, line {line}: empty label.")
+    features = {"text": Feature("text"), **{c: Feature("text") for c in TEXT_COLUMNS
+                                            if c in columns}}
+    to_id: dict[str, int] = {}
+    if "label" in columns:
+        class_names, to_id, spell = _label_ids([row["label"] for _, row in files[0][2]])
+        features["label"] = Feature("class_label", tuple(class_names))
     splits = {}
     for name, path, rows in files:
-        labels = []
-        for line, row in rows:
-            if spell(row["label"]) not in to_id:
-                raise InputError(
-                    f"{path}, line {line}: label {row['label']!r} is not one of the classes of "
-                    f"{paths[0]} ({', '.join(class_names)})."
-                )
-            labels.append(to_id[spell(row["label"])])
-        splits[name] = ListSource(text=[str(row["text"]) for _, row in rows],
-                                  label=np.asarray(labels, np.int64))
+        data: dict[str, Any] = {c: [str(row[c]) for _, row in rows]
+                                for c in columns if c != "label"}
+        if "label" in columns:
+            labels = []
+            for line, row in rows:
+                if spell(row["label"]) not in to_id:
+                    raise InputError(
+                        f"{path}, line {line}: label {row['label']!r} is not one of the classes "
+                        f"of {paths[0]} ({', '.join(class_names)})."
+                    )
+                labels.append(to_id[spell(row["label"])])
+            data["label"] = np.asarray(labels, np.int64)
+        splits[name] = ListSource(**data)
     name = f"textfile:{spec}"
-    features = classification_features("text", class_names)
     return select_split(name, splits, split, lambda sizes: DatasetInfo(name, features, sizes))
 
 # ---------------------------------------------------------------------------------------------

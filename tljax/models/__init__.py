@@ -83,16 +83,20 @@ def from_config(config: Any, task: Any) -> Any:
 
     The one place that turns `config.model_name`, `config.model`, `config.compute_dtype`,
     the task and a `lora(...)` freeze preset into a module; the trainer and the tools
-    (predict, inspect_params) all call it. With LoRA the result is a `lora.LoRA` wrapper
+    (predict, inspect_params) all call it. The head is `task.head_for(backbone, dtype)`
+    (a language model's tasks attach its own LM head). With LoRA the result is a `lora.LoRA` wrapper
     whose variables also hold the adapters (`add_adapters`).
     """
     from tljax import freeze
     from tljax.models import lora
 
-    model_kwargs = json_kwargs(dict(config.get("model") or {}))
+    kwargs = json_kwargs(dict(config.get("model") or {}))
     dtype = config.get("compute_dtype") or "float32"
-    model = build(config["model_name"], model_kwargs, head=task.head(jnp.dtype(dtype)),
-                  head_input=task.head_input, dtype=dtype)
+    if jnp.dtype(dtype) != jnp.float32:
+        kwargs["dtype"] = jnp.dtype(dtype)
+    backbone = build_backbone(config["model_name"], **kwargs)
+    model = Model(backbone=backbone, head=task.head_for(backbone, jnp.dtype(dtype)),
+                  head_input=task.head_input)
     options = freeze.lora_options(config)
     return lora.LoRA(model, **options) if options else model
 

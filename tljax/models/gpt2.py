@@ -48,13 +48,15 @@ def decode_variant(variant: str) -> dict[str, Any]:
 class GPT2(nn.Module):
     """GPT-2 decoder; `__call__(inputs, train=False) -> (features (B, L, D), out)`.
 
-    `inputs`: {'input_ids': (B, L) int, optional 'attention_mask': (B, L)}. `dtype` is
+    `inputs`: {'input_ids': (B, L) int, optional 'attention_mask': (B, L), optional
+    'segment_ids' (B, L) for packed rows (tljax.models.lm)}; `out` holds 'tokens',
+    'embedding' and 'last_token' (B, D), the state of each row's last real token. `dtype` is
     the compute dtype, `param_dtype` the storage dtype; features are float32.
     `decode=True` reads and writes the KV cache (tljax.models.lm); `remat=True`
     recomputes each layer's activations in the backward pass.
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
+    inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "segment_ids")
 
     vocab_size: int = 50257
     hidden_size: int = 768
@@ -92,7 +94,9 @@ class GPT2(nn.Module):
                              f"{self.max_position_embeddings}; truncate the inputs.")
         mask = inputs.get("attention_mask")
         mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
-        allowed, positions, _, index = lm.mask_and_positions(self, mask, True, self.decode)
+        segments = None if self.decode else inputs.get("segment_ids")
+        allowed, positions, _, index = lm.mask_and_positions(self, mask, True, self.decode,
+                                                             segments)
 
         embed = functools.partial(nn.Embed, features=self.hidden_size, dtype=self.dtype,
                                   param_dtype=self.param_dtype,
@@ -112,7 +116,8 @@ class GPT2(nn.Module):
                           x, allowed, positions, index, train)
         x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="norm")(x).astype(lm.wide(self.dtype))
-        return x, {"tokens": x, "embedding": tokens.embedding}
+        last = x[jnp.arange(x.shape[0]), lm.last_token_index(mask)]
+        return x, {"tokens": x, "embedding": tokens.embedding, "last_token": last}
 
 
 def make(variant: str | None = None, **kwargs: Any) -> GPT2:

@@ -50,14 +50,16 @@ VARIANTS = {  # name: HF config fields that differ from the defaults below
 class Llama(nn.Module):
     """Llama decoder; `__call__(inputs, train=False) -> (features (B, L, D), out)`.
 
-    `inputs`: {'input_ids': (B, L) int, optional 'attention_mask': (B, L)}.
+    `inputs`: {'input_ids': (B, L) int, optional 'attention_mask': (B, L), optional
+    'segment_ids' (B, L) for packed rows (tljax.models.lm)}; `out` holds 'tokens',
+    'embedding' and 'last_token' (B, D), the state of each row's last real token.
     `num_kv_heads` None means multi-head attention (KV = H); `head_dim` None means
     hidden_size / num_heads. `dtype` is the compute dtype, `param_dtype` the storage
     dtype (norms, softmax and features in float32). `decode=True` reads and writes the KV
     cache (tljax.models.lm); `remat=True` recomputes each layer in the backward pass.
     """
 
-    inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
+    inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "segment_ids")
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -94,7 +96,9 @@ class Llama(nn.Module):
         ids = jnp.asarray(inputs["input_ids"], jnp.int32)
         mask = inputs.get("attention_mask")
         mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
-        allowed, positions, _, index = lm.mask_and_positions(self, mask, True, self.decode)
+        segments = None if self.decode else inputs.get("segment_ids")
+        allowed, positions, _, index = lm.mask_and_positions(self, mask, True, self.decode,
+                                                             segments)
 
         tokens = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
                           param_dtype=self.param_dtype,
@@ -112,7 +116,8 @@ class Llama(nn.Module):
                       name=f"layers_{i}")(x, allowed, positions, index, train)
         x = lm.RMSNorm(self.rms_norm_eps, dtype=lm.wide(self.dtype), param_dtype=self.param_dtype,
                        name="norm")(x)
-        return x, {"tokens": x, "embedding": tokens.embedding}
+        last = x[jnp.arange(x.shape[0]), lm.last_token_index(mask)]
+        return x, {"tokens": x, "embedding": tokens.embedding, "last_token": last}
 
 
 def make(variant: str | None = None, **kwargs: Any) -> Llama:

@@ -3,15 +3,19 @@
 Backbone contract. `model.apply(variables, inputs, train=False) -> (features, out)`:
 `features` are the final hidden states (B, L, D), float32, after the final norm; `out`
 holds named intermediates: 'tokens' (= features), 'embedding' (the input embedding table,
-(V, D)) and, for T5, 'encoder' (the encoder's final states). Next-token logits are
-`lm_logits(model, variables, features, out)`, the one place that turns features into
-logits: `LMHead` computes
+(V, D)), for the decoders 'last_token' (B, D) (each row's last real token, what a
+sequence classifier reads) and, for T5, 'encoder' (the encoder's final states).
+
+The LM head. `LMHead` is a task head (`tljax.models.Model` attaches it as `head`, reading
+head_input ('features', 'embedding'); `with_lm_head(backbone)` builds that model, which is
+what `load_pretrained` returns and the `causal_lm` / `seq2seq` tasks train):
 
     logits = (s * features) @ E^T     tied output (s = 1, or d_model^-1/2 for T5 v1.0),
     logits = features @ W (+ b)       untied: W = params['head']['kernel'] (D, V),
 
 so an untied head's parameters sit under `head/` like any task head, and a tied model has
-none.
+none. `lm_logits(model, variables, features, out)` applies the head of a bare backbone or
+of a `Model` to features computed apart (generation feeds it one position at a time).
 
 Masks and positions. `attention_mask` (B, L) marks real tokens with 1; padding may be on
 either side. Query i attends to key j iff mask[j] and, for causal models, j <= i. Padded
@@ -21,6 +25,9 @@ Llama's RoPE) count real tokens, `position = max(cumsum(mask) - 1, 0)`, what HF 
 in `generate` (cumsum - 1, padding filled with 1), so a real token's state is the same
 whether its sequence is left-padded, right-padded or alone. (Forward calls of HF models
 without `position_ids` use 0..L-1 instead; parity tests pass these positions to HF.)
+Packed rows (several documents in one row, `tljax.data.text.pack`) add `segment_ids`
+(B, L): a query attends only to keys of its own segment, and positions restart at 0 at
+each segment's first token, so every document's logits equal those it has alone.
 
 KV cache (the flax examples' `decode=True` pattern). A model built with `decode=True`
 keeps, in the 'cache' collection, per attention layer the keys and values of every slot
@@ -35,6 +42,7 @@ past S is not checked under jit (XLA clamps the slice): size S for prompt + new 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tljax.models.bert import ACTIVATIONS as _BERT_ACTIVATIONS
+from tljax.models.model import Model
 
 # HF `hidden_act` / `activation_function` names -> activation ('gelu' is exact erf,
 # 'gelu_new' / 'gelu_pytorch_tanh' the tanh approximation).
@@ -66,12 +75,32 @@ def activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
     return ACTIVATIONS[name]
 
 
-def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
-    """(B, L) 0/1 mask -> positions max(cumsum(mask) - 1, 0) counting real tokens only."""
-    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+def positions_from_mask(mask: jnp.ndarray, segment_ids: jnp.ndarray | None = None
+                        ) -> jnp.ndarray:
+    """(B, L) 0/1 mask -> positions max(cumsum(mask) - 1, 0) counting real tokens only.
+
+    With `segment_ids` (packed rows) the count restarts where the segment id changes, so
+    each packed document has the positions it would have alone.
+    """
+    mask = mask.astype(jnp.int32)
+    counts = jnp.cumsum(mask, axis=-1)
+    if segment_ids is None:
+        return jnp.maximum(counts - 1, 0)
+    previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    # Real tokens before each segment's start; counts only grow, so a running max carries
+    # the latest start's value forward.
+    before = jax.lax.cummax(jnp.where(segment_ids != previous, counts - mask, 0), axis=1)
+    return jnp.maximum(counts - 1 - before, 0)
 
 
-def mask_and_positions(module: nn.Module, mask: jnp.ndarray, causal: bool, decode: bool
+def last_token_index(mask: jnp.ndarray) -> jnp.ndarray:
+    """(B,) index of each row's last real token (rows padded on either side)."""
+    length = mask.shape[1]
+    return length - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)
+
+
+def mask_and_positions(module: nn.Module, mask: jnp.ndarray, causal: bool, decode: bool,
+                       segment_ids: jnp.ndarray | None = None
                        ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
     """(allowed (B, 1, L, S) bool, positions (B, L), query slots (L,), cache index or None).
 
@@ -79,7 +108,8 @@ def mask_and_positions(module: nn.Module, mask: jnp.ndarray, causal: bool, decod
     written into the cached slot mask at the cache index, S is the cache length, and the
     positions and causal order continue from the cached slots; `module` owns the
     'cache' variables `index` and `mask`. At `init` the cache is created, sized by the
-    input, and the call is an ordinary forward pass.
+    input, and the call is an ordinary forward pass. `segment_ids` (B, L) (packed rows,
+    no cache) further restrict attention to keys of the query's own segment.
     """
     batch, length = mask.shape
     mask = mask.astype(bool)
@@ -102,7 +132,10 @@ def mask_and_positions(module: nn.Module, mask: jnp.ndarray, causal: bool, decod
     allowed = mask[:, None, None, :]
     if causal:
         allowed = allowed & jnp.tril(jnp.ones((length, length), bool))[None, None]
-    return allowed, positions_from_mask(mask), jnp.arange(length), None
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return allowed, positions_from_mask(mask, segment_ids), jnp.arange(length), None
 
 
 def rope(x: jnp.ndarray, positions: jnp.ndarray, theta: float) -> jnp.ndarray:
@@ -295,9 +328,11 @@ def block_class(cls: type[nn.Module], remat: bool, train_argnum: int) -> type[nn
 class LMHead(nn.Module):
     """Next-token logits from features (see the module docstring); float32 output.
 
-    Tied: logits = (scale * features) @ embedding^T with the backbone's table. Untied: a
-    Dense without module nesting, so its params are `kernel` (D, V) (+ `bias`) directly
-    under this module's name, `head`.
+    A task head like any other: `head(x, train=...)` with x = (features, embedding) (a
+    `Model` with head_input ('features', 'embedding') passes that tuple; any leading shape,
+    e.g. (B, L, D) or the (B, D) of 'last_token') or the features alone (untied only).
+    Tied: logits = (scale * features) @ embedding^T with the backbone's table. Untied: its
+    own `kernel` (D, V) (+ `bias`) directly under this module's name, `head`.
     """
 
     vocab_size: int
@@ -309,8 +344,9 @@ class LMHead(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, features: jnp.ndarray, embedding: jnp.ndarray | None = None
-                 ) -> jnp.ndarray:
+    def __call__(self, x: Any, train: bool = False) -> jnp.ndarray:
+        del train  # no dropout at the output
+        features, embedding = x if isinstance(x, (tuple, list)) else (x, None)
         x = features.astype(self.dtype)
         if self.scale != 1.0:
             x = x * jnp.asarray(self.scale, self.dtype)
@@ -328,23 +364,65 @@ class LMHead(nn.Module):
         return logits.astype(wide(self.dtype))
 
 
-def lm_head(model: nn.Module) -> LMHead:
-    """The LM head that belongs to `model` (tied or not, T5's output scale, dtypes)."""
+HEAD_INPUT = ("features", "embedding")  # what an LM head reads from a backbone (Model)
+
+
+def lm_head(model: nn.Module, dtype: Any = None) -> LMHead:
+    """The LM head that belongs to backbone `model` (tied or not, T5's output scale,
+    dtypes; `dtype` overrides the compute dtype)."""
     return LMHead(model.vocab_size, tied=model.tie_word_embeddings,
                   scale=getattr(model, "logit_scale", 1.0),
                   init_std=getattr(model, "initializer_range", 0.02),
-                  dtype=model.dtype, param_dtype=model.param_dtype, name="head")
+                  dtype=model.dtype if dtype is None else dtype, param_dtype=model.param_dtype)
 
 
-def lm_logits(model: nn.Module, variables: Mapping[str, Any], features: jnp.ndarray,
+def with_lm_head(backbone: nn.Module) -> Model:
+    """`Model(backbone, its LM head)`: `apply(variables, inputs)` gives next-token logits."""
+    return Model(backbone=backbone, head=lm_head(backbone), head_input=HEAD_INPUT)
+
+
+def _unwrap(model: Any) -> tuple[Any, Any]:
+    """(model without a LoRA wrapper, the wrapper or None)."""
+    from tljax.models import lora
+
+    return (model.base, model) if isinstance(model, lora.LoRA) else (model, None)
+
+
+def backbone_of(model: Any) -> nn.Module:
+    """The bare LM backbone of a backbone, a `Model`, or either wrapped in LoRA."""
+    model, _ = _unwrap(model)
+    return model.backbone if isinstance(model, Model) else model
+
+
+def head_of(model: Any) -> nn.Module:
+    """The head that turns `model`'s features into logits: a `Model`'s own head, else the
+    backbone's LM head."""
+    model, _ = _unwrap(model)
+    return model.head if isinstance(model, Model) else lm_head(model)
+
+
+def decoding_parts(model: Any, **fields: Any) -> tuple[Any, nn.Module]:
+    """(backbone with `fields` replaced, head) of any form `backbone_of` takes. A LoRA
+    wrapper stays around the backbone, so its adapters apply: the backbone's parameter
+    names are the same alone and inside a `Model` (which shares its scope)."""
+    inner, wrapper = _unwrap(model)
+    backbone = backbone_of(inner).clone(**fields) if fields else backbone_of(inner)
+    if wrapper is not None:
+        backbone = dataclasses.replace(wrapper, base=backbone)
+    return backbone, head_of(inner)
+
+
+def lm_logits(model: Any, variables: Mapping[str, Any], features: jnp.ndarray,
               out: Mapping[str, Any]) -> jnp.ndarray:
     """Next-token logits (..., V) float32 for `features` of `model` (see LMHead).
 
-    `variables` are the full model variables (an untied head reads params['head']).
+    `model` is a backbone or a `Model` (LoRA-wrapped or not); `variables` are the full
+    model variables (an untied or task head reads params['head']).
     """
-    head = lm_head(model)
-    params = {} if head.tied else {"params": variables["params"]["head"]}
-    return head.apply(params, features, out.get("embedding"))
+    head = head_of(model)
+    params = variables["params"].get("head")
+    head_variables = {"params": params} if params is not None else {}
+    return head.apply(head_variables, (features, out.get("embedding")))
 
 
 def example_inputs(model: nn.Module, batch_size: int = 1, length: int = 1
@@ -353,11 +431,13 @@ def example_inputs(model: nn.Module, batch_size: int = 1, length: int = 1
     return {k: jnp.zeros((batch_size, length), jnp.int32) for k in model.inputs}
 
 
-def init(model: nn.Module, rng: jax.Array, batch_size: int = 1, length: int = 1
-         ) -> dict[str, Any]:
-    """Fresh variables of `model` plus, for an untied output, the LM head at params['head']."""
+def init(model: Any, rng: jax.Array, batch_size: int = 1, length: int = 1) -> dict[str, Any]:
+    """Fresh variables of `model`: a `Model` as it is; a backbone plus, for an untied output,
+    the LM head at params['head']."""
     variables = model.init(rng, example_inputs(model, batch_size, length))
     variables = {k: v for k, v in variables.items() if k != "cache"}
+    if isinstance(model, Model):
+        return variables
     head = lm_head(model)
     if not head.tied:
         width = model.hidden_size
@@ -366,14 +446,15 @@ def init(model: nn.Module, rng: jax.Array, batch_size: int = 1, length: int = 1
     return variables
 
 
-def abstract_variables(model: nn.Module) -> dict[str, Any]:
+def abstract_variables(model: Any) -> dict[str, Any]:
     """Shapes (jax.ShapeDtypeStruct) of `init(model, ...)`, computing nothing."""
     return jax.eval_shape(lambda: init(model, jax.random.key(0)))
 
 
-def init_cache(model: nn.Module, batch_size: int, max_length: int) -> dict[str, Any]:
-    """An empty 'cache' collection for `model.clone(decode=True)` holding `max_length` slots."""
-    decoder = model.clone(decode=True)
+def init_cache(model: Any, batch_size: int, max_length: int) -> dict[str, Any]:
+    """An empty 'cache' collection for the backbone of `model` with decode=True, holding
+    `max_length` slots."""
+    decoder = backbone_of(model).clone(decode=True)
     shapes = jax.eval_shape(lambda: decoder.init(
         jax.random.key(0), example_inputs(decoder, batch_size, max_length)))["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -22,7 +22,8 @@ and adds the low-rank term. Adapters live in their own subtree of `params`,
 
 next to the untouched base parameters (the `lora(...)` freeze preset trains `^lora/`
 and the head, and freezes every base kernel). `merge` folds the adapters into the base
-kernels, W' = W + (alpha / r) A B, and returns the variables of the plain model.
+kernels, W' = W + (alpha / r) A B (in the wider of the kernel's and the adapters'
+dtypes), and returns the variables of the plain model.
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ class LoRA:
     rank: int = 8
     alpha: float = 16.0
     targets: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        # Hashable (jit's static arguments): a config's list of targets becomes a tuple.
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
 
     @property
     def scale(self) -> float:
@@ -222,8 +228,11 @@ def merge(variables: Any, alpha: float) -> dict:
         a, b = adapters[name], adapters[f"{path}/lora_b"]
         kernel = flat[f"{path}/kernel"]
         delta = (alpha / a.shape[1]) * (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32))
+        # A base stored narrower than its adapters (frozen_dtype='bfloat16') merges into the
+        # adapters' dtype: rounding W + delta to bfloat16 would lose most of a small delta.
+        dtype = jnp.promote_types(jnp.asarray(kernel).dtype, jnp.asarray(a).dtype)
         flat[f"{path}/kernel"] = (jnp.asarray(kernel, jnp.float32)
-                                  + delta.reshape(kernel.shape)).astype(kernel.dtype)
+                                  + delta.reshape(kernel.shape)).astype(dtype)
     return {**variables, "params": tree.unflatten(flat)}
 
 

@@ -49,7 +49,8 @@ from tljax.pretrained.loading import merge_pretrained
 
 SOURCES = ("big_vision", "vit_jax", "timm", "hf", "torchvision", "torchvision_dense",
            "efficientnet_lite", "resnetv2", "bit", "ge2e", "tljax", "gguf")
-LANGUAGE_MODELS = ("gpt2", "llama", "t5")  # heads are LM heads: see tljax.models.lm
+LANGUAGE_MODELS = ("gpt2", "llama", "t5")  # see tljax.models.lm
+LM_HEAD_TASKS = ("causal_lm", "seq2seq", "verbaliser")  # tasks whose head is the LM head
 
 
 def _is_remote(path: str) -> bool:
@@ -96,7 +97,7 @@ def _tljax_info(metadata: dict[str, Any], variables: dict[str, Any]
     num_classes = int(np.shape(head)[0]) if head is not None else None
     if "model_name" in metadata and "model_kwargs" in metadata:
         info = {k: v for k, v in metadata.items() if k in fields}
-        for key in ("value_range", "mean", "std"):  # JSON turned the tuples into lists
+        for key in ("value_range", "mean", "std", "head_input"):  # JSON made tuples lists
             if info.get(key) is not None:
                 info[key] = tuple(info[key])
         kwargs = dict(info["model_kwargs"])
@@ -108,11 +109,15 @@ def _tljax_info(metadata: dict[str, Any], variables: dict[str, Any]
     if "model_name" in config:
         from tljax.tasks import task_class
 
-        task = (config.get("task") or {}).get("name", "classification")
+        options = config.get("task") or {}
+        task = options.get("name", "classification")
+        head_input = models.json_kwargs(options.get("head_input", task_class(task).head_input))
+        if task in LM_HEAD_TASKS:
+            num_classes = None  # an untied LM head's kernel, not a classifier
         return PretrainedInfo(
             source="tljax", model_name=config["model_name"],
             model_kwargs=models.json_kwargs(config.get("model") or {}),
-            num_classes=num_classes, task=task, head_input=task_class(task).head_input,
+            num_classes=num_classes, task=task, head_input=head_input,
             class_names=(metadata.get("results") or {}).get("class_names"))
     return None
 
@@ -199,7 +204,17 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
 
 
 def model_of(info: PretrainedInfo, dtype: Any = None) -> models.Model:
-    """The model a converted checkpoint describes: its backbone and, if any, its head."""
+    """The model a converted checkpoint describes: its backbone and, if any, its head (a
+    language model's own LM head for the tasks that use it)."""
+    if info.task in LM_HEAD_TASKS:
+        from tljax.models import lm
+
+        kwargs = dict(info.model_kwargs)
+        if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+            kwargs["dtype"] = jnp.dtype(dtype)
+        backbone = models.build_backbone(info.model_name, **kwargs)
+        return models.Model(backbone=backbone, head=lm.lm_head(backbone),
+                            head_input=info.head_input or lm.HEAD_INPUT)
     head = models.LinearHead(info.num_classes) if info.num_classes else None
     return models.build(info.model_name, info.model_kwargs, head=head,
                         head_input=info.head_input, dtype=dtype)
@@ -217,8 +232,9 @@ def _abstract_variables(model: models.Model, info: PretrainedInfo) -> dict[str, 
     if info.model_name in LANGUAGE_MODELS:
         from tljax.models import lm
 
-        return lm.abstract_variables(model)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), _sample_inputs(model, info))
+        shapes = lm.abstract_variables(model)
+    else:
+        shapes = jax.eval_shape(model.init, jax.random.key(0), _sample_inputs(model, info))
     return tree.map_with_names(
         lambda n, s: np.zeros(s.shape, s.dtype) if n.startswith("params/head/") else s,
         dict(shapes))
@@ -233,9 +249,9 @@ def load_pretrained(spec: str, num_classes: int | None = None
     start). The variables are strictly checked against the model (see `merge_pretrained`).
     A training workdir trained with LoRA comes back with the adapters merged.
 
-    Language models (GPT-2, Llama, T5) return their backbone: `model.apply(variables,
-    inputs)` gives (features, out) and `tljax.models.lm.lm_logits(model, variables,
-    features, out)` the logits; an untied output matrix is params['head'].
+    Language models (GPT-2, Llama, T5) come with their LM head (`tljax.models.lm`):
+    `model.apply(variables, inputs)` gives next-token logits (B, L, V), `model.backbone`
+    the (features, out) of the bare backbone; an untied output matrix is params['head'].
     """
     if spec == "ge2e":
         from tljax.pretrained import ge2e
@@ -260,9 +276,10 @@ def load_pretrained(spec: str, num_classes: int | None = None
         from tljax.models import lora
 
         loaded = lora.merge(loaded, _lora_alpha(path))
-    if info.model_name in LANGUAGE_MODELS and num_classes is not None:
+    if info.task in LM_HEAD_TASKS and num_classes is not None:
         raise ValueError(f"{spec} is a language model: it keeps its LM head (num_classes must be "
-                         "None); a task head goes on its features.")
+                         "None); to classify, train the classification task with "
+                         "head_input='last_token'.")
     if num_classes is not None:
         info = dataclasses.replace(info, num_classes=num_classes, class_names=None)
     flat = tree.flatten(loaded)
@@ -271,8 +288,7 @@ def load_pretrained(spec: str, num_classes: int | None = None
         grid = math.isqrt(np.shape(flat["params/pos_embedding"])[1])
         info = dataclasses.replace(
             info, resolution=grid * int(np.shape(flat["params/embedding/kernel"])[0]))
-    model = (models.build_backbone(info.model_name, **info.model_kwargs)
-             if info.model_name in LANGUAGE_MODELS else model_of(info))
+    model = model_of(info)
     # Strict check against the model's own shapes; a new head stays zero.
     new_head = [r"^head/"] if num_classes is not None else []
     variables = merge_pretrained(_abstract_variables(model, info), loaded, dont_load=new_head)

@@ -175,6 +175,7 @@ def convert(path: str | os.PathLike) -> tuple[dict[str, Any], PretrainedInfo]:
     config = hf_config(metadata, set(tensors))
     variables, kwargs = pretrained_llama.convert_hf(to_hf_state(tensors, config), config)
     info = PretrainedInfo(source=os.fspath(path), model_name="llama", model_kwargs=kwargs,
+                          task="causal_lm", head_input=("features", "embedding"),
                           tokenizer_path=write_tokenizer(path, metadata=metadata),
                           max_length=kwargs.get("max_position_embeddings"))
     return variables, info

@@ -118,5 +118,7 @@ def load_converted(directory: str | os.PathLike, config: Mapping[str, Any]
     variables, kwargs = converter.convert_hf(readers.read_weights(directory), config)
     return variables, PretrainedInfo(source=os.fspath(directory), model_name=family,
                                      model_kwargs=kwargs,
+                                     task="seq2seq" if family == "t5" else "causal_lm",
+                                     head_input=("features", "embedding"),
                                      tokenizer_path=tokenizer_file(directory),
                                      max_length=kwargs.get("max_position_embeddings"))

@@ -13,7 +13,8 @@ class PretrainedInfo:
     `model_name` and `model_kwargs` rebuild the backbone
     (`tljax.models.build(model_name, model_kwargs)`); `num_classes` is the size of the
     checkpoint's `head` (None: it has none), `task` what that head predicts, `head_input`
-    what it reads (None: the pooled features; 'tokens': every token), `class_names` its
+    what it reads (None: the pooled features; 'tokens': every token; a language model's LM
+    head ('features', 'embedding')), `class_names` its
     labels when the checkpoint names them. The remaining fields describe the input the
     weights expect.
     """
@@ -23,7 +24,7 @@ class PretrainedInfo:
     model_kwargs: dict[str, Any]
     num_classes: int | None = None
     task: str = "classification"
-    head_input: str | None = None
+    head_input: str | tuple[str, ...] | None = None
     class_names: list[str] | None = None
     resolution: int | None = None
     value_range: tuple[float, float] | None = None  # pixels 0..255 mapped linearly to this range

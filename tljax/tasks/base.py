@@ -4,21 +4,32 @@ The trainer knows nothing of labels, accuracy or argmax; it asks the task (chose
 `config.task.name`, options from the rest of `config.task`):
 
   head(dtype)                 the module attached to the backbone under the name `head`;
-  head_input                  what the head reads: None (the backbone's features) or a key
-                              of its named outputs ('tokens' for a per-token head);
+  head_for(backbone, dtype)   the same, for heads that mirror the backbone (an LM's output
+                              layer: vocabulary, tied embedding); default head(dtype);
+  head_input                  what the head reads: None (the backbone's features), a key
+                              of its named outputs ('tokens' for a per-token head,
+                              'last_token' for a decoder's sequence state) or a tuple of
+                              names, passed to the head as a tuple;
   train_batch(batch, rng)     the training batch as the loss should see it (label
                               smoothing, mixup, ...; default: unchanged), inside jit;
   loss(outputs, batch)        the scalar training loss of a batch (masks applied);
+  eval_forward(model, variables, inputs)  inside jit, the outputs of an eval batch:
+                              model.apply(..., train=False), unless the task decodes
+                              (seq2seq generates in eval);
   eval_outputs(outputs, batch)  per eval batch, inside jit: the arrays the metrics need
                               (sums, or predictions); padding examples are marked by
                               batch['mask'] and must not count;
   metrics()                   a host-side accumulator: `update(arrays)` per batch,
                               `result()` -> {name: float} over the whole eval split;
-  main_metric                 the name of the result that matters (higher is better): the
-                              `expected` comparison, curves.png and best-checkpoint choices;
+  main_metric                 the name of the result that matters: the `expected`
+                              comparison, curves.png and best-checkpoint choices;
+  higher_is_better            of the main metric (False for perplexity);
   targets                     batch keys the task reads besides the model's inputs;
   parse_input(text)           a raw input given to tools/predict.py (a file path or a text)
                               as an example for the eval pp;
+  generates                   True when predictions are generated text: tools/predict.py
+                              then decodes (tljax.generate, stopping at `eos_id`) and
+                              gives describe() the new token ids;
   describe(outputs, batch)    per example, the prediction as a line a person reads;
   render(outputs, batch, images)  optional: per example, the input image (as read, before
                               the pp) with the prediction drawn on it, uint8 RGB, for
@@ -75,6 +86,9 @@ class Task:
     name: ClassVar[str]
     main_metric: ClassVar[str]
     head_input: str | tuple[str, ...] | None = None
+    higher_is_better: ClassVar[bool] = True
+    generates: ClassVar[bool] = False
+    eos_id: int | None = None  # generating tasks: the token that ends a generated text
 
     def __init__(self, info: DatasetInfo):
         self.info = info
@@ -93,6 +107,15 @@ class Task:
 
     def train_batch(self, batch: Batch, rng: Any) -> Batch:
         return batch
+
+    def head_for(self, backbone: nn.Module, dtype: Any = jnp.float32) -> nn.Module:
+        """The head attached to `backbone` (see the module docstring)."""
+        del backbone
+        return self.head(dtype)
+
+    def eval_forward(self, model: Any, variables: Any, inputs: Any) -> Any:
+        """The outputs `eval_outputs` reads for one eval batch (inside jit)."""
+        return model.apply(variables, inputs, train=False)
 
     def loss(self, outputs: jnp.ndarray, batch: Batch) -> jnp.ndarray:
         raise NotImplementedError

@@ -1,5 +1,9 @@
 """Classification: one class per example (softmax or sigmoid), or several (multi-label).
 
+The head is linear on the backbone's features, or on the output `head_input` names: a
+decoder LM (gpt2, llama) classifies from 'last_token', the state of each sequence's last
+real token (`task.head_input='last_token'`).
+
 Targets: `batch[target_key]` (default 'label'), either integer class ids (B,) or float
 vectors (B, C): one-hot, smoothed or mixed targets (`onehot`, mixup), or multi-hot vectors
 for multi-label data (`multihot`). Class names come from the dataset's `label_key` feature.
@@ -95,9 +99,10 @@ class Classification(Task):
 
     def __init__(self, info: DatasetInfo, loss: str = "softmax_xent", multilabel: bool = False,
                  label_key: str = "label", target_key: str | None = None,
-                 head_zeroinit: bool = True, label_smoothing: float = 0.0, mixup: float = 0.0,
-                 cutmix: float = 0.0):
+                 head_zeroinit: bool = True, head_input: str | None = None,
+                 label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0):
         super().__init__(info)
+        self.head_input = head_input
         if loss not in LOSSES:
             raise InputError(f"task.loss={loss!r}: expected one of {', '.join(LOSSES)}.")
         for name, value in (("label_smoothing", label_smoothing), ("mixup", mixup),
