@@ -255,9 +255,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # scratch as well as pretrained).
         config.lr_mults = [("^head/", 30.0)]
 
-    for prefix in ("total", "warmup", "log_every", "eval_every", "checkpoint_every"):
-        for unit in ("steps", "epochs", "examples"):
-            config[f"{prefix}_{unit}"] = nullable(float if unit == "epochs" else int)
     config.total_epochs = float(epochs)
     config.warmup_epochs = warmup
     config.log_every_steps = 50 if probe else 10

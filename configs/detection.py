@@ -107,10 +107,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 25
     config.eval_every_steps = nullable(int)
     config.checkpoint_every_steps = 150
-    for prefix in ("total", "warmup", "log_every", "eval_every", "checkpoint_every"):
-        for unit in ("steps", "epochs", "examples"):
-            if f"{prefix}_{unit}" not in config:
-                config[f"{prefix}_{unit}"] = nullable(float if unit == "epochs" else int)
     config.keep_checkpoints = 1
     config.mesh = [("data", -1)]
     config.sharding_rules = [(".*", "replicate")]

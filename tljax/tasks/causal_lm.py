@@ -102,8 +102,28 @@ class TokenizerOptions:
         return texts
 
 
+class UsesLMHead:
+    """For tasks whose head is the backbone's own LM head (its vocabulary, tied embedding)."""
+
+    name: str
+    needs = "a decoder language model (gpt2, llama)"
+
+    def accepts(self, backbone: nn.Module) -> bool:
+        return hasattr(backbone, "vocab_size")
+
+    def head(self, dtype: Any = jnp.float32) -> nn.Module:
+        raise InputError(f"The {self.name} head is the backbone's LM head: build the model "
+                         "with tljax.models.from_config (it calls head_for(backbone)).")
+
+    def head_for(self, backbone: nn.Module, dtype: Any = jnp.float32) -> nn.Module:
+        if not self.accepts(backbone):
+            raise InputError(f"{self.name} needs {self.needs}; {type(backbone).__name__} is "
+                             "not one.")
+        return lm.lm_head(backbone, dtype)
+
+
 @register("causal_lm")
-class CausalLM(TokenizerOptions, Task):
+class CausalLM(UsesLMHead, TokenizerOptions, Task):
     """See the module docstring. Options: `tokenizer` (a tokenizer.json, to show
     predictions), `eos` (the token ending a generated text: a token string or id),
     `loss_mask_key`."""
@@ -122,16 +142,6 @@ class CausalLM(TokenizerOptions, Task):
     @property
     def targets(self) -> tuple[str, ...]:
         return (self.loss_mask_key,)
-
-    def head(self, dtype: Any = jnp.float32) -> nn.Module:
-        raise InputError("The causal_lm head is the backbone's LM head: build the model with "
-                         "tljax.models.from_config (it calls head_for(backbone)).")
-
-    def head_for(self, backbone: nn.Module, dtype: Any = jnp.float32) -> nn.Module:
-        if not hasattr(backbone, "vocab_size"):
-            raise InputError(f"causal_lm needs a language model (gpt2, llama); "
-                             f"{type(backbone).__name__} has no vocabulary.")
-        return lm.lm_head(backbone, dtype)
 
     def loss(self, outputs: jnp.ndarray, batch: Batch) -> jnp.ndarray:
         nll, weights, _ = next_token_nll(outputs, batch, self.loss_mask_key)

@@ -24,10 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tljax.data import DatasetInfo
-from tljax.errors import InputError
 from tljax.models import lm
 from tljax.tasks.base import Batch, Metrics, Task, eval_mask, register
-from tljax.tasks.causal_lm import TokenizerOptions
+from tljax.tasks.causal_lm import TokenizerOptions, UsesLMHead
 
 
 def seq2seq_metrics(totals: dict[str, float]) -> dict[str, float]:
@@ -39,7 +38,7 @@ def seq2seq_metrics(totals: dict[str, float]) -> dict[str, float]:
 
 
 @register("seq2seq")
-class Seq2Seq(TokenizerOptions, Task):
+class Seq2Seq(UsesLMHead, TokenizerOptions, Task):
     """See the module docstring. Options: `tokenizer` (to show predictions), `eos` (token
     string or id ending a target; T5: '</s>' = 1), `generate_in_eval`."""
 
@@ -57,15 +56,10 @@ class Seq2Seq(TokenizerOptions, Task):
     def targets(self) -> tuple[str, ...]:
         return ("targets", "target_mask")
 
-    def head(self, dtype: Any = jnp.float32) -> nn.Module:
-        raise InputError("The seq2seq head is the backbone's LM head: build the model with "
-                         "tljax.models.from_config.")
+    needs = "an encoder-decoder model (t5)"
 
-    def head_for(self, backbone: nn.Module, dtype: Any = jnp.float32) -> nn.Module:
-        if "decoder_input_ids" not in getattr(backbone, "inputs", ()):
-            raise InputError(f"seq2seq needs an encoder-decoder model (t5); "
-                             f"{type(backbone).__name__} is not one.")
-        return lm.lm_head(backbone, dtype)
+    def accepts(self, backbone: nn.Module) -> bool:
+        return "decoder_input_ids" in getattr(backbone, "inputs", ())
 
     def _token_terms(self, logits: jnp.ndarray, batch: Batch
                      ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:

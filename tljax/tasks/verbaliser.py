@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +29,8 @@ import optax
 
 from tljax.data import DatasetInfo
 from tljax.errors import InputError
-from tljax.models import lm
 from tljax.tasks.base import Batch, Metrics, Task, eval_mask, register
+from tljax.tasks.causal_lm import UsesLMHead
 
 
 def label_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
@@ -51,7 +50,7 @@ def label_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
 
 
 @register("verbaliser")
-class Verbaliser(Task):
+class Verbaliser(UsesLMHead, Task):
     """See the module docstring. Options: `tokenizer` (tokenizer.json, required),
     `label_words` (one per class, default ' ' + class name), `label_key`."""
 
@@ -82,16 +81,6 @@ class Verbaliser(Task):
     @property
     def output_names(self) -> list[str]:
         return self.class_names
-
-    def head(self, dtype: Any = jnp.float32) -> nn.Module:
-        raise InputError("The verbaliser's head is the backbone's LM head: build the model "
-                         "with tljax.models.from_config.")
-
-    def head_for(self, backbone: nn.Module, dtype: Any = jnp.float32) -> nn.Module:
-        if not hasattr(backbone, "vocab_size"):
-            raise InputError(f"The verbaliser needs a decoder LM (gpt2, llama); "
-                             f"{type(backbone).__name__} has no vocabulary.")
-        return lm.lm_head(backbone, dtype)
 
     def scores(self, logits: jnp.ndarray) -> jnp.ndarray:
         """(B, C) log-likelihoods of the label words from the last token's logits (B, V)."""
