@@ -84,7 +84,8 @@ Measured (test accuracy over the whole test split, `python experiments/audio_tra
                     70.8%, speaker 95.0%, language 46.3% (10-20 s each).
 
 GE2E's architecture from scratch, with the fine-tuning recipe, stays at chance (loss at ln 12
-throughout): at these budgets all of its accuracy comes from pretraining. ImageNet initialisation is worth +73 points on keywords and +48 on speaker at the same budget
+throughout): at these budgets all of its accuracy comes from pretraining. ImageNet
+initialisation is worth +73 points on keywords and +48 on speaker at the same budget
 (the scratch network barely leaves chance in 150 steps). The speaker encoder's frozen embedding
 identifies these voices from 240 clips better than a fine-tuned image network (95% vs 65%), and
 fine-tuned it is the best model on all three tasks. Language identification on held-out
