@@ -37,8 +37,11 @@ Arguments (comma-separated after the file name):
 
 Recipe: batch 8, AdamW (b2 0.999, wd 0 on adapters), lr 1e-3 for LoRA (3e-5 full), 10%
 warmup then cosine, clip 1.0; the classification head (zero-initialised) at 10x.
-Measurements: see the README, "Language models (fine-tuning)"; times are wall clock on 2
-CPU cores shared with other jobs (load average 8-12), several times slower than idle.
+Measured (README, "Language models (fine-tuning)"; wall clock on 2 CPU cores shared with
+other jobs at load 8-18, several times an idle machine's):
+  causal_lm (tech)   held-out perplexity 40.66 -> 23.60, next-token accuracy 35.5% -> 40.0%
+  classification     96.8% on the 441 test articles (chance 20%)
+  verbaliser         zero-shot 71.0% -> 91.8%
 """
 
 import ml_collections
