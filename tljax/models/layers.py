@@ -43,6 +43,33 @@ class DepthwiseConv(nn.Module):
         return out
 
 
+class PointwiseConv(nn.Conv):
+    """A 1 x 1, stride 1 `nn.Conv` (same fields, `kernel` of shape (1, 1, Cin, Cout) and
+    `bias`) computed as y = x W over the channel axis.
+
+    Same maths, other HLO: XLA's CPU backend brackets a 1 x 1 convolution (forward and
+    backward) with layout transposes that a dot over the last axis does not need; the
+    EfficientNet-Lite0 train step of the quickstart is ~15% faster on CPU this way.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+        size = (self.kernel_size,) if isinstance(self.kernel_size, int) else self.kernel_size
+        strides = (self.strides,) if isinstance(self.strides, int) else self.strides or (1,)
+        if (any(k != 1 for k in size) or any(s != 1 for s in strides)
+                or self.feature_group_count != 1 or self.mask is not None):
+            raise ValueError(f"PointwiseConv is a 1 x 1, stride 1, ungrouped convolution; "
+                             f"got kernel_size={self.kernel_size}, strides={self.strides}, "
+                             f"feature_group_count={self.feature_group_count}.")
+        kernel = self.param("kernel", self.kernel_init,
+                            (*size, inputs.shape[-1], self.features), self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = jnp.dot(inputs, kernel.reshape(kernel.shape[-2:]), precision=self.precision)
+        return y + bias if bias is not None else y
+
+
 class LinearHead(nn.Module):
     """The `head` most tasks attach: y = x W + b over the last axis, float32 out.
 
