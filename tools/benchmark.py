@@ -4,7 +4,7 @@
     python tools/benchmark.py --suite=step   [--model=S/16 --batch=8 --dtype=float32 ...]
     python tools/benchmark.py --suite=memory [--model=L/16 --batch=64 --remat=none,full,...]
     python tools/benchmark.py --suite=input  [--workers=0,1,2 --batch=32 --images=256]
-    python tools/benchmark.py --suite=cpu    [--workloads=lite0,vit --rounds=5 --steps=3]
+    python tools/benchmark.py --suite=cpu    [--workloads=lite0,vit --rounds=4 --steps=2]
 
 freeze: on a ViT, per freeze preset, the train step time (median of --reps after one
 warm-up call), its XLA FLOPs and the optimizer-state bytes, against a forward-only step
@@ -250,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="0,1,2", help="input: comma list of workers")
     parser.add_argument("--images", type=int, default=256, help="input: JPEGs to encode")
     parser.add_argument("--steps", type=int, default=None,
-                        help="input: timed batches per setting (8); cpu: steps per round (3)")
+                        help="input: timed batches per setting (8); cpu: steps per round (2)")
     parser.add_argument("--workloads", default="lite0,vit", help="cpu: lite0 and/or vit")
-    parser.add_argument("--rounds", type=int, default=5, help="cpu: interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="cpu: interleaved rounds")
+    parser.add_argument("--torch_threads", default=f"{os.cpu_count() or 1},1",
+                        help="cpu: PyTorch thread counts to time (the fastest is the reference)")
     parser.add_argument("--compute_dtype", default=None,
                         help="cpu: override the configs' compute_dtype (e.g. bfloat16)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 "input": (None, 32), "cpu": (None, None)}[args.suite]
     args.model = args.model or defaults[0]
     args.batch = args.batch or defaults[1]
-    args.steps = args.steps or (3 if args.suite == "cpu" else 8)
+    args.steps = args.steps or (2 if args.suite == "cpu" else 8)
     setup = machine()
     if args.suite == "freeze":
         results = freeze_suite(args)
