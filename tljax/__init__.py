@@ -5,11 +5,7 @@
 
 from typing import Any
 
-from tljax import xla_flags as _xla_flags
-
 __version__ = "0.1.0"
-
-_xla_flags.apply()  # tljax's default XLA flags, before JAX starts a backend (see the module)
 
 
 def load_pretrained(spec: str, num_classes: int | None = None) -> Any:
