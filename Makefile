@@ -55,7 +55,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 benchmark: setup
-	$(PY) tools/benchmark.py
+	$(PY) tools/benchmark.py --suite=cpu
 
 # Wheels the lent GPU machine lacks (Python 3.12, no network there): carried with the working
 # tree in benchmarks/wheels/ and installed by benchmarks/gpu.sh with pip --no-index.

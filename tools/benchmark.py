@@ -4,6 +4,7 @@
     python tools/benchmark.py --suite=step   [--model=S/16 --batch=8 --dtype=float32 ...]
     python tools/benchmark.py --suite=memory [--model=L/16 --batch=64 --remat=none,full,...]
     python tools/benchmark.py --suite=input  [--workers=0,1,2 --batch=32 --images=256]
+    python tools/benchmark.py --suite=cpu    [--workloads=lite0,vit --rounds=4 --steps=2]
 
 freeze: on a ViT, per freeze preset, the train step time (median of --reps after one
 warm-up call), its XLA FLOPs and the optimizer-state bytes, against a forward-only step
@@ -27,7 +28,11 @@ value_range(-1, 1), batching - through `tljax.data.train_batches` on real photos
 cropped to ImageNet-like sizes and JPEG-encoded at quality 90) against --workers (0 = the
 thread pool, N = worker processes); and the JPEG decoders alone (PIL, simplejpeg, OpenCV).
 
-Each suite writes benchmarks/<suite>_<platform>.{json,md} (or --out) with the machine: device,
+cpu: tljax's train step of the quickstart (EfficientNet-Lite0) and of a ViT-S/16 against the
+same step in PyTorch, interleaved in one process (tools/benchmark_cpu.py); written to
+benchmarks/cpu_<machine>.{json,md}, machine being the CPU model and its core count.
+
+Each other suite writes benchmarks/<suite>_<platform>.{json,md} (or --out) with the machine: device,
 CPU model, core count and the load average before and after (the machine may be shared).
 Ratios are measured in one process on one machine; absolute times only mean something with
 the load they were measured under.
@@ -228,7 +233,8 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["freeze", "step", "memory", "input", "lm_memory"],
+    parser.add_argument("--suite", choices=["freeze", "step", "memory", "input", "lm_memory",
+                                            "cpu"],
                         required=True)
     parser.add_argument("--model", default=None, help="ViT variant (S/16 freeze and step, "
                         "L/16 memory)")
@@ -253,28 +259,44 @@ def main(argv: list[str] | None = None) -> int:
                         help="step: peak TFLOP/s for MFU (default: known GPU or measured CPU)")
     parser.add_argument("--workers", default="0,1,2", help="input: comma list of workers")
     parser.add_argument("--images", type=int, default=256, help="input: JPEGs to encode")
-    parser.add_argument("--steps", type=int, default=8, help="input: timed batches per setting")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="input: timed batches per setting (8); cpu: steps per round (2)")
+    parser.add_argument("--workloads", default="lite0,vit", help="cpu: lite0 and/or vit")
+    parser.add_argument("--rounds", type=int, default=4, help="cpu: interleaved rounds")
+    parser.add_argument("--torch_threads", default=f"{os.cpu_count() or 1},1",
+                        help="cpu: PyTorch thread counts to time (the fastest is the reference)")
+    parser.add_argument("--compute_dtype", default=None,
+                        help="cpu: override the configs' compute_dtype (e.g. bfloat16)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent /
                                              "benchmarks"))
     args = parser.parse_args(argv)
     defaults = {"freeze": ("S/16", 8), "step": ("S/16", 8), "memory": ("L/16", 64),
-                "input": (None, 32), "lm_memory": (None, 8)}[args.suite]
+                "input": (None, 32), "lm_memory": (None, 8), "cpu": (None, None)}[args.suite]
     args.model = args.model or defaults[0]
     args.batch = args.batch or defaults[1]
+    args.steps = args.steps or (2 if args.suite == "cpu" else 8)
     setup = machine()
     if args.suite == "freeze":
         results = freeze_suite(args)
         table = markdown(results)
     else:
-        import benchmark_suites as suites  # tools/, beside this file
+        if args.suite == "cpu":
+            import benchmark_cpu as suites  # tools/, beside this file
+        else:
+            import benchmark_suites as suites
 
         results = getattr(suites, f"{args.suite}_suite")(args)
         results["setup"] = {**setup, **results.get("setup", {})}
         results["setup"]["load_average_end"] = list(os.getloadavg())
         table = getattr(suites, f"{args.suite}_markdown")(results)
     os.makedirs(args.out, exist_ok=True)
-    name = f"{args.suite}_{setup['platform']}{args.tag}"
+    where = setup["platform"]
+    if args.suite == "cpu":
+        import benchmark_cpu
+
+        where = benchmark_cpu.machine_name(setup["cpu"], setup["cpu_count"])
+    name = f"{args.suite}_{where}{args.tag}"
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tljax.models.layers import DepthwiseConv
+from tljax.models.layers import DepthwiseConv, PointwiseConv
 from tljax.models.resnet import batch_norm
 
 # variant: (width multiplier, depth multiplier, resolution, dropout before the head)
@@ -104,15 +104,15 @@ class MBConv(nn.Module):
         a = self.args
         bn = lambda name: batch_norm(train, self.bn_update, name, self.dtype, BN_EPS,
                                      self.bn_momentum)
-        conv = lambda n, k, name, **kw: nn.Conv(n, (k, k), padding="SAME", use_bias=False,
-                                                dtype=self.dtype, name=name, **kw)
+        conv = lambda n, name: PointwiseConv(n, (1, 1), use_bias=False, dtype=self.dtype,
+                                             name=name)
         x = inputs
         hidden = a.in_filters * a.expand
         if a.expand != 1:
-            x = nn.relu6(bn("expand_bn")(conv(hidden, 1, "expand_conv")(x)))
+            x = nn.relu6(bn("expand_bn")(conv(hidden, "expand_conv")(x)))
         x = DepthwiseConv(a.kernel, a.stride, self.dtype, name="depthwise_conv")(x)
         x = nn.relu6(bn("depthwise_bn")(x))
-        x = bn("project_bn")(conv(a.out_filters, 1, "project_conv")(x))
+        x = bn("project_bn")(conv(a.out_filters, "project_conv")(x))
         if a.stride == 1 and a.in_filters == a.out_filters:
             if self.drop_connect_rate:
                 # One Bernoulli draw per example, survivors scaled by 1 / keep probability.
@@ -174,7 +174,8 @@ class EfficientNetLite(nn.Module):
             rate = self.drop_connect_rate * i / len(blocks)
             x = MBConv(args, rate, self.bn_update, self.dtype, self.bn_momentum,
                        name=f"block{i}")(x, train)
-        x = nn.Conv(TOP_FILTERS, (1, 1), use_bias=False, dtype=self.dtype, name="top_conv")(x)
+        x = PointwiseConv(TOP_FILTERS, (1, 1), use_bias=False, dtype=self.dtype,
+                          name="top_conv")(x)
         x = nn.relu6(bn("top_bn")(x))
         out[f"stage_{len(out) + 1}"] = x
         x = jnp.mean(x, axis=(1, 2))

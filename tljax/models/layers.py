@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -9,13 +10,83 @@ import jax
 import jax.numpy as jnp
 
 
+def _same_padding(size: int, k: int, s: int) -> tuple[int, int, int]:
+    """(output size, padding before, padding after) of TF/Flax 'SAME': the odd extra
+    row/column goes at the bottom/right."""
+    out = -(-size // s)
+    pad = max((out - 1) * s + k - size, 0)
+    return out, pad // 2, pad - pad // 2
+
+
+def _taps(x: jnp.ndarray, kernel: jnp.ndarray, out_h: int, out_w: int, s: int) -> jnp.ndarray:
+    """sum over (i, j) of x[:, i + s*o, j + s*p, :] * kernel[i, j]: x is already padded."""
+    k = kernel.shape[0]
+    out = None
+    for i in range(k):
+        for j in range(k):
+            window = x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s, :]
+            out = window * kernel[i, j] if out is None else out + window * kernel[i, j]
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """Depthwise 'SAME' convolution of x (B, H, W, C) with kernel (k, k, C), as shifted slices.
+
+    Gradients (out = sum_ij window_ij(pad(x)) * K_ij):
+      dx = the same shifted-slice sum over the output gradient g, dilated by the stride and
+           padded by k - 1, with the kernel flipped in both spatial axes;
+      dK_ij = sum over (b, o, p) of window_ij * g, as a matmul of a ones vector with the
+           product: XLA's CPU backend runs it as a matmul, faster than its reduction loops
+           (the EfficientNet-Lite0 train step ~1.1x).
+    """
+    k = kernel.shape[0]
+    out_h, top, bottom = _same_padding(x.shape[1], k, stride)
+    out_w, left, right = _same_padding(x.shape[2], k, stride)
+    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    return _taps(x, kernel, out_h, out_w, stride)
+
+
+def _depthwise_fwd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int
+                   ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+    return depthwise_conv(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_bwd(stride: int, residuals: tuple[jnp.ndarray, jnp.ndarray], g: jnp.ndarray
+                   ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    x, kernel = residuals
+    k, s = kernel.shape[0], stride
+    height, width = x.shape[1], x.shape[2]
+    out_h, top, bottom = _same_padding(height, k, s)
+    out_w, left, right = _same_padding(width, k, s)
+    # dx[y] = sum_i gd[y + top - i] K[i], gd = g dilated by s: pad gd so that a stride-1
+    # shifted-slice sum with the flipped kernel reads exactly those rows.
+    low_h, low_w = k - 1 - top, k - 1 - left
+    high_h = height + k - 1 - low_h - ((out_h - 1) * s + 1)
+    high_w = width + k - 1 - low_w - ((out_w - 1) * s + 1)
+    padded_g = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (low_h, high_h, s - 1),
+                                                       (low_w, high_w, s - 1), (0, 0, 0)))
+    dx = _taps(padded_g, kernel[::-1, ::-1], height, width, 1)
+    padded_x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    n = g.shape[0] * out_h * out_w
+    ones = jnp.ones((n,), g.dtype)
+    dk = jnp.stack([jnp.stack([
+        ones @ (padded_x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s, :]
+                * g).reshape(n, -1) for j in range(k)]) for i in range(k)])
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 class DepthwiseConv(nn.Module):
     """Depthwise k x k convolution with 'SAME' padding, as `nn.Conv(C, (k, k),
     feature_group_count=C, use_bias=False)` (same `kernel` of shape (k, k, 1, C)).
 
-    Written as a sum of k*k shifted, strided slices times per-channel weights:
-    XLA's CPU backend runs grouped convolutions (and above all their kernel
-    gradient) 5-15x slower than this; on GPU/TPU both compile to similar code.
+    Written as a sum of k*k shifted, strided slices times per-channel weights
+    (`depthwise_conv`, with its gradients written out): XLA's CPU backend runs grouped
+    convolutions (and above all their kernel gradient) 4-15x slower than this; on GPU/TPU
+    both compile to similar code.
     """
 
     kernel_size: int
@@ -24,23 +95,37 @@ class DepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        k, s = self.kernel_size, self.strides
-        channels = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels))
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        height, width = x.shape[1], x.shape[2]
-        out_h, out_w = -(-height // s), -(-width // s)
-        # TF/Flax 'SAME': the odd extra padding row/column goes at the bottom/right.
-        pad_h = max((out_h - 1) * s + k - height, 0)
-        pad_w = max((out_w - 1) * s + k - width, 0)
-        x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
-                        (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-        out = jnp.zeros((x.shape[0], out_h, out_w, channels), self.dtype)
-        for i in range(k):
-            for j in range(k):
-                window = x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s, :]
-                out = out + window * kernel[i, j, 0]
-        return out
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, x.shape[-1]))
+        return depthwise_conv(x.astype(self.dtype), kernel[:, :, 0].astype(self.dtype),
+                              self.strides)
+
+
+class PointwiseConv(nn.Conv):
+    """A 1 x 1, stride 1 `nn.Conv` (same fields, `kernel` of shape (1, 1, Cin, Cout) and
+    `bias`) computed as y = x W over the channel axis.
+
+    Same maths, other HLO: XLA's CPU backend brackets a 1 x 1 convolution (forward and
+    backward) with layout transposes that a dot over the last axis does not need; the
+    EfficientNet-Lite0 train step of the quickstart is ~15% faster on CPU this way.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+        size = (self.kernel_size,) if isinstance(self.kernel_size, int) else self.kernel_size
+        strides = (self.strides,) if isinstance(self.strides, int) else self.strides or (1,)
+        if (any(k != 1 for k in size) or any(s != 1 for s in strides)
+                or self.feature_group_count != 1 or self.mask is not None):
+            raise ValueError(f"PointwiseConv is a 1 x 1, stride 1, ungrouped convolution; "
+                             f"got kernel_size={self.kernel_size}, strides={self.strides}, "
+                             f"feature_group_count={self.feature_group_count}.")
+        kernel = self.param("kernel", self.kernel_init,
+                            (*size, inputs.shape[-1], self.features), self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = jnp.dot(inputs, kernel.reshape(kernel.shape[-2:]), precision=self.precision)
+        return y + bias if bias is not None else y
 
 
 class LinearHead(nn.Module):

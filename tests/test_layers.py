@@ -1,0 +1,56 @@
+"""tljax.models.layers: the CPU-friendly convolutions equal the Flax convolutions they replace."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tljax.models.layers import DepthwiseConv, PointwiseConv
+
+
+def _value_and_grads(module: nn.Module, variables: dict, x: jnp.ndarray, g: jnp.ndarray):
+    f = lambda v, x: jnp.sum(module.apply(v, x) * g)  # noqa: E731
+    return module.apply(variables, x), jax.grad(f, argnums=(0, 1))(variables, x)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_pointwise_conv_equals_flax_conv(use_bias):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 6))
+    conv = nn.Conv(4, (1, 1), padding="SAME", use_bias=use_bias)
+    variables = conv.init(jax.random.PRNGKey(1), x)
+    if use_bias:
+        variables = jax.tree.map(lambda p: p + 0.5, variables)
+    pointwise = PointwiseConv(4, (1, 1), use_bias=use_bias)
+    # Same parameter tree, so checkpoints and LoRA targets are unchanged.
+    assert (jax.tree.map(jnp.shape, pointwise.init(jax.random.PRNGKey(1), x))
+            == jax.tree.map(jnp.shape, variables))
+    g = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 7, 4))
+    ref_y, ref_grads = _value_and_grads(conv, variables, x, g)
+    y, grads = _value_and_grads(pointwise, variables, x, g)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_pointwise_conv_rejects_other_shapes():
+    x = jnp.zeros((1, 4, 4, 3))
+    with pytest.raises(ValueError, match="1 x 1, stride 1"):
+        PointwiseConv(4, (3, 3)).init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="1 x 1, stride 1"):
+        PointwiseConv(4, (1, 1), strides=2).init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 8), (5, 2, 9), (3, 2, 8)])
+def test_depthwise_conv_equals_grouped_conv(kernel, stride, size):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 6))
+    depthwise = DepthwiseConv(kernel, stride)
+    variables = depthwise.init(jax.random.PRNGKey(1), x)
+    grouped = nn.Conv(6, (kernel, kernel), strides=stride, padding="SAME", use_bias=False,
+                      feature_group_count=6)
+    g = jax.random.normal(jax.random.PRNGKey(2), depthwise.apply(variables, x).shape)
+    ref_y, ref_grads = _value_and_grads(grouped, variables, x, g)
+    y, grads = _value_and_grads(depthwise, variables, x, g)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
