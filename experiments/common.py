@@ -13,7 +13,7 @@ RES = 48
 QUICKSTART = f"configs/quickstart.py:res={RES}"
 VALUE_RANGE = "value_range(-0.9921875,1.0)"  # (x - 127) / 128, as the weights were trained
 EVAL_SPLIT = "test[:2000]"
-BASE = {"eval.split": EVAL_SPLIT, "log_every_steps": 10}
+BASE = {"eval.split": EVAL_SPLIT, "log_every_steps": 10, "total_epochs": 3.0}  # 47 steps of 64
 
 
 def image_pp(*ops: str, res: int = RES) -> str:
