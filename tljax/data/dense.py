@@ -53,7 +53,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tljax.data.preprocess import Example, ExampleOp, _hw, decode_image, register, resize_image
+from tljax.data.preprocess import (
+    Example,
+    ExampleOp,
+    _check_fits,
+    _hw,
+    decode_image,
+    register,
+    resize_image,
+)
 from tljax.data.sources import (
     DatasetInfo,
     DatasetNotPreparedError,
@@ -103,12 +111,6 @@ def _crop_all(example: Example, top: int, left: int, h: int, w: int) -> Example:
     return crop_boxes(out, top, left, h, w)
 
 
-def _fits(image: np.ndarray, h: int, w: int, op: str) -> None:
-    if image.shape[0] < h or image.shape[1] < w:
-        raise ValueError(f"{op}({h}, {w}) on a {image.shape[0]}x{image.shape[1]} image: "
-                         "resize_dense first.")
-
-
 @register("resize_dense")
 def resize_dense(size: int | Sequence[int], method: str = "bilinear") -> ExampleOp:
     """Image (bilinear), segmentation (nearest) and boxes (scaled) to `size`."""
@@ -136,7 +138,7 @@ def random_crop_dense(size: int | Sequence[int]) -> ExampleOp:
 
     def op(example: Example, rng: np.random.Generator) -> Example:
         image = example["image"]
-        _fits(image, h, w, "random_crop_dense")
+        _check_fits(image, h, w, "random_crop_dense", "resize_dense")
         top = int(rng.integers(0, image.shape[0] - h + 1))
         left = int(rng.integers(0, image.shape[1] - w + 1))
         return _crop_all(example, top, left, h, w)
@@ -151,7 +153,7 @@ def central_crop_dense(size: int | Sequence[int]) -> ExampleOp:
     def op(example: Example, rng: np.random.Generator) -> Example:
         del rng
         image = example["image"]
-        _fits(image, h, w, "central_crop_dense")
+        _check_fits(image, h, w, "central_crop_dense", "resize_dense")
         return _crop_all(example, (image.shape[0] - h) // 2, (image.shape[1] - w) // 2, h, w)
 
     return op

@@ -317,11 +317,11 @@ def _crop(image: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
     return image[top : top + h, left : left + w]
 
 
-def _check_fits(image: np.ndarray, h: int, w: int, op: str) -> None:
+def _check_fits(image: np.ndarray, h: int, w: int, op: str,
+                fix: str = "resize or resize_small") -> None:
     if image.shape[0] < h or image.shape[1] < w:
         raise ValueError(
-            f"{op}({h}, {w}) on a {image.shape[0]}x{image.shape[1]} image: resize or "
-            "resize_small first."
+            f"{op}({h}, {w}) on a {image.shape[0]}x{image.shape[1]} image: {fix} first."
         )
 
 
