@@ -16,6 +16,7 @@ unreadable ones to WORKDIR/checkpoints_unreadable/) and by tools (`load_variable
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -36,10 +37,20 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
+_ABANDONED_READ_REPORTS = ("exception was never retrieved", "Task was destroyed but it is pending")
+
+
+class _AbandonedReadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(report in str(record.msg) for report in _ABANDONED_READ_REPORTS)
+
+
 def _quiet_abandoned_reads() -> None:
-    """After a failed restore, Orbax's other reads of that checkpoint finish on an event loop
-    that is already closed, each reporting 'Event loop is closed' (ninety-odd tracebacks
-    after the one line that matters). Those reports, and only those, are dropped."""
+    """After a failed restore, Orbax's other reads of that checkpoint are abandoned. They end
+    later, when the event loop is closed or their tasks are collected, as 'Event loop is
+    closed' reports or asyncio's 'Task exception was never retrieved' log lines, each with a
+    traceback: ninety-odd of them after the one line that matters. Those reports, and only
+    those, are dropped; whether and when they appear depends on timing."""
     previous = sys.unraisablehook
     if getattr(previous, "tljax_quiet", False):
         return
@@ -51,6 +62,7 @@ def _quiet_abandoned_reads() -> None:
 
     hook.tljax_quiet = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
 
 
 class RunCheckpoints:
