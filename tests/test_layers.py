@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tljax.models import layers
 from tljax.models.layers import DepthwiseConv, PointwiseConv
 
 
@@ -41,9 +42,11 @@ def test_pointwise_conv_rejects_other_shapes():
         PointwiseConv(4, (1, 1), strides=2).init(jax.random.PRNGKey(0), x)
 
 
+@pytest.mark.parametrize("batch", [2, 10, 12])
 @pytest.mark.parametrize("kernel,stride,size", [(3, 1, 8), (5, 2, 9), (3, 2, 8)])
-def test_depthwise_conv_equals_grouped_conv(kernel, stride, size):
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 6))
+def test_depthwise_conv_equals_grouped_conv(kernel, stride, size, batch):
+    """Batch 12 takes the CPU kernel-gradient loop (3 steps of 4 images), 2 and 10 do not."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 6))
     depthwise = DepthwiseConv(kernel, stride)
     variables = depthwise.init(jax.random.PRNGKey(1), x)
     grouped = nn.Conv(6, (kernel, kernel), strides=stride, padding="SAME", use_bias=False,
@@ -54,3 +57,7 @@ def test_depthwise_conv_equals_grouped_conv(kernel, stride, size):
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
     for ours, theirs in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+    backward = jax.jit(jax.grad(lambda v: jnp.sum(depthwise.apply(v, x) * g))).lower(variables)
+    uses_loop = "while" in backward.as_text()
+    assert uses_loop == (batch % layers.KERNEL_GRADIENT_IMAGES == 0 and jax.device_count() == 1
+                         and batch > layers.KERNEL_GRADIENT_IMAGES)
