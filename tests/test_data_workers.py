@@ -171,3 +171,12 @@ def test_opened_pipeline_pickles_as_its_arguments(photo_folder):
     assert copy.args == opened.args and copy._opened is None
     assert len(copy.get()[0]) == len(source) == 24
     assert Path(photo_folder[len("folder:"):]).is_dir()
+
+
+def test_input_threads_leave_cores_to_the_step(monkeypatch):
+    assert [pipeline.default_data_threads(cores) for cores in (1, 2, 3, 4, 8, 96)] == \
+        [1, 1, 1, 2, 4, 4]
+    monkeypatch.setenv("TLJAX_DATA_THREADS", "3")
+    assert pipeline._read_options().num_threads == 3
+    monkeypatch.delenv("TLJAX_DATA_THREADS")
+    assert pipeline._read_options().num_threads == pipeline.default_data_threads()

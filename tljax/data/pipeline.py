@@ -22,7 +22,8 @@ for the log (those met in this process: worker processes do not report theirs). 
 fails on an example names the example and the pp string.
 
 Threads or processes build the next few batches while the current one is in use:
-  workers = 0   a thread pool in this process (TLJAX_DATA_THREADS, default 4): enough for
+  workers = 0   a thread pool in this process (TLJAX_DATA_THREADS, default: half the cores,
+                1 to 4, leaving the rest to the train step): enough for
                 reads and decoders that release the GIL, not for Python-heavy pp ops;
   workers = N   N worker processes (grain's `mp_prefetch`): worker k builds steps k, k + N, ...
                 and the batches come back through shared memory in step order. Each worker
@@ -84,9 +85,16 @@ class BadExamples:
         self.count, self._lock = state["count"], threading.Lock()
 
 
+def default_data_threads(cores: int | None = None) -> int:
+    """Half the cores, 1 to 4: on 2 cores one input thread leaves the other to the step (the
+    quickstart trains 1.1x faster end to end than with 4 threads)."""
+    return max(1, min(4, (cores or os.cpu_count() or 1) // 2))
+
+
 def _read_options(threads: int | None = None) -> grain.ReadOptions:
     # Threads overlap the GIL-free parts (ArrayRecord reads, PNG decoding, PIL, tokenizers).
-    threads = int(os.environ.get("TLJAX_DATA_THREADS", 4)) if threads is None else threads
+    if threads is None:
+        threads = int(os.environ.get("TLJAX_DATA_THREADS", default_data_threads()))
     return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
 
