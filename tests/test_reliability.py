@@ -466,7 +466,8 @@ def test_abandoned_checkpoint_reads_are_not_reported_after_a_fallback(mode):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     if mode == "quiet":
-        assert result.stderr == ""
+        assert "never retrieved" not in result.stderr and "Traceback" not in result.stderr, \
+            result.stderr[-3000:]
     else:  # without the filter, the report and its traceback would be printed
         assert "never retrieved" in result.stderr and "Traceback" in result.stderr
 
