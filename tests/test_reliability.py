@@ -472,6 +472,17 @@ def test_abandoned_checkpoint_reads_are_not_reported_after_a_fallback(mode):
         assert "never retrieved" in result.stderr and "Traceback" in result.stderr
 
 
+def test_only_reports_raised_in_checkpoint_io_count_as_abandoned_reads():
+    import asyncio
+
+    with pytest.raises(ValueError) as in_asyncio:
+        asyncio.run(None)  # raised inside asyncio's own code
+    with pytest.raises(ValueError) as in_user_code:
+        raise ValueError("a user's own error")
+    assert checkpoint._raised_in_checkpoint_io(in_asyncio.tb)
+    assert not checkpoint._raised_in_checkpoint_io(in_user_code.tb)
+
+
 # ---------------------------------------------------------------------------------------------
 # The workdir lock.
 

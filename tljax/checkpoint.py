@@ -45,19 +45,32 @@ class _AbandonedReadFilter(logging.Filter):
         return not any(report in str(record.msg) for report in _ABANDONED_READ_REPORTS)
 
 
+def _raised_in_checkpoint_io(traceback: Any) -> bool:
+    """Whether a traceback passes through Orbax or asyncio (an abandoned read's, not user
+    code's)."""
+    while traceback is not None:
+        filename = traceback.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if "/orbax/" in filename or "/asyncio/" in filename:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 def _quiet_abandoned_reads() -> None:
     """After a failed restore, Orbax's other reads of that checkpoint are abandoned. They end
     later, when the event loop is closed or their tasks are collected, as 'Event loop is
-    closed' reports or asyncio's 'Task exception was never retrieved' log lines, each with a
-    traceback: ninety-odd of them after the one line that matters. Those reports, and only
-    those, are dropped; whether and when they appear depends on timing."""
+    closed' reports, other unraisable errors raised in Orbax or asyncio, or asyncio's 'Task
+    exception was never retrieved' log lines, each with a traceback: ninety-odd of them after
+    the one line that matters. Those reports, and only those, are dropped; whether and when
+    they appear depends on timing."""
     previous = sys.unraisablehook
     if getattr(previous, "tljax_quiet", False):
         return
 
     def hook(unraisable: Any) -> None:
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not (closed_loop or _raised_in_checkpoint_io(unraisable.exc_traceback)):
             previous(unraisable)
 
     hook.tljax_quiet = True  # type: ignore[attr-defined]
