@@ -277,12 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     args.batch = args.batch or defaults[1]
     args.steps = args.steps or (2 if args.suite == "cpu" else 8)
     setup = machine()
+    where = setup["platform"]
     if args.suite == "freeze":
         results = freeze_suite(args)
         table = markdown(results)
     else:
         if args.suite == "cpu":
             import benchmark_cpu as suites  # tools/, beside this file
+
+            where = suites.machine_name(setup["cpu"], setup["cpu_count"])
         else:
             import benchmark_suites as suites
 
@@ -291,11 +294,6 @@ def main(argv: list[str] | None = None) -> int:
         results["setup"]["load_average_end"] = list(os.getloadavg())
         table = getattr(suites, f"{args.suite}_markdown")(results)
     os.makedirs(args.out, exist_ok=True)
-    where = setup["platform"]
-    if args.suite == "cpu":
-        import benchmark_cpu
-
-        where = benchmark_cpu.machine_name(setup["cpu"], setup["cpu_count"])
     name = f"{args.suite}_{where}{args.tag}"
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=2)
