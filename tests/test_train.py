@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tljax import checkpoint, tree
-from tljax.train import train_and_evaluate
+from tljax.train import make_train_step, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -156,3 +159,45 @@ def test_killed_run_resumes_bitwise_equal(tmp_path, fashion_mnist_dir):
     for name, value in tree.flatten(expected).items():
         assert value.tobytes() == tree.flatten(actual)[name].tobytes(), name
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(actual)
+
+
+class _TinyBatchNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Dense(4)(x)
+        return nn.Dense(3)(nn.BatchNorm(use_running_average=not train, momentum=0.5)(x))
+
+
+def test_a_nonfinite_step_leaves_the_state_bitwise_unchanged():
+    net = _TinyBatchNormNet()
+    x = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+    variables = net.init(jax.random.PRNGKey(0), x)
+
+    def forward(params, model_state, batch, rng):
+        return net.apply({"params": params, **model_state}, batch["x"],
+                         mutable=["batch_stats"])
+
+    def loss_fn(outputs, batch):
+        return (outputs.sum() * batch["scale"]) ** 2
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+    trainable = jax.tree_util.tree_map(lambda _: True, variables["params"])
+    step = jax.jit(make_train_step(forward, loss_fn, tx, trainable))
+    state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+             "model_state": {"batch_stats": variables["batch_stats"]},
+             "opt_state": tx.init(variables["params"]), "rng": jax.random.PRNGKey(1)}
+
+    stepped, metrics = step(state, {"x": x, "scale": np.float32(1.0)})
+    assert bool(metrics["finite"])
+    changed = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(stepped), strict=True)]
+    assert sum(changed) >= len(changed) - 2  # all but the rng and nothing else
+
+    for scale in (np.float32(np.nan), np.float32(np.inf)):
+        kept, metrics = step(stepped, {"x": x, "scale": scale})
+        assert not bool(metrics["finite"])
+        assert int(kept["step"]) == int(stepped["step"]) + 1
+        for name in ("params", "model_state", "opt_state", "rng"):
+            for a, b in zip(jax.tree_util.tree_leaves(stepped[name]),
+                            jax.tree_util.tree_leaves(kept[name]), strict=True):
+                assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), name

@@ -2,9 +2,10 @@
 
 The step computes `finite = isfinite(loss) & isfinite(global gradient norm)` and, where it
 is False, returns the state it was given (only the step counter advances): a non-finite
-update never reaches the parameters, the optimizer state or the batch statistics
-(`keep_finite`). On the host, `Losses` collects each step's loss and flag without waiting
-for them; they are read at log steps and before every checkpoint save, and then
+update never reaches the parameters, the optimizer state or the batch statistics (a
+`lax.cond` in `tljax.train.make_train_step`). On the host, `Losses` collects each step's
+loss and flag without waiting for them; they are read at log steps and before every
+checkpoint save, and then
 
   on_nonfinite='stop'  (default) raises NonFiniteError naming the first bad step: the run
                        ends (exit status 3) before saving anything after it, so every
@@ -17,15 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tljax.errors import NonFiniteError
-
-
-def keep_finite(finite: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where `finite`, else `old`, leaf by leaf (inside the jitted step)."""
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 class Losses:
