@@ -191,7 +191,7 @@ def test_a_nonfinite_step_leaves_the_state_bitwise_unchanged():
     assert bool(metrics["finite"])
     changed = [not np.array_equal(a, b) for a, b in zip(
         jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(stepped), strict=True)]
-    assert sum(changed) >= len(changed) - 2  # all but the rng and nothing else
+    assert sum(changed) >= len(changed) - 2  # everything moves but the rng (1 leaf of slack)
 
     for scale in (np.float32(np.nan), np.float32(np.inf)):
         kept, metrics = step(stepped, {"x": x, "scale": scale})
