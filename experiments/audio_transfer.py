@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import audio  # noqa: E402  (configs/audio.py)
 
+from tljax.malloc import retain_freed_memory  # noqa: E402
 from tljax.train import train_and_evaluate  # noqa: E402
 
 VARIANTS = {
@@ -109,4 +110,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()
     app.run(main)

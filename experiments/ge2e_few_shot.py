@@ -35,6 +35,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tljax import data  # noqa: E402
+from tljax.malloc import retain_freed_memory  # noqa: E402
 
 _SHOTS = flags.DEFINE_list("shots", ["1", "2", "5", "20"], "Enrolment clips per voice.")
 _DRAWS = flags.DEFINE_integer("draws", 50, "Random enrolment draws per shot count.")
@@ -153,4 +154,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()
     app.run(main)

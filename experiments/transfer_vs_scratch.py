@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import quickstart  # noqa: E402
 
 from tljax.errors import InputError, RunStopped, exit_status  # noqa: E402
+from tljax.malloc import retain_freed_memory  # noqa: E402
 from tljax.train import train_and_evaluate  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where both runs go.")
@@ -68,4 +69,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()
     app.run(main)

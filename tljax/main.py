@@ -148,4 +148,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from tljax.malloc import retain_freed_memory
+
+    retain_freed_memory()
     main()

@@ -481,4 +481,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from tljax.malloc import retain_freed_memory
+
+    retain_freed_memory()  # the runs started from here inherit it
     sys.exit(main())

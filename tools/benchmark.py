@@ -65,6 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 from tljax import features, freeze, sharding, train  # noqa: E402
+from tljax.malloc import retain_freed_memory  # noqa: E402
 from tljax.models import classifier, lora  # noqa: E402
 from tljax.tasks.classification import softmax_xent  # noqa: E402
 
@@ -304,4 +305,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()
     sys.exit(main())

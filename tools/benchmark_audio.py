@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tljax import data  # noqa: E402
 from tljax.data import audio, preprocess  # noqa: E402
+from tljax.malloc import retain_freed_memory  # noqa: E402
 
 DEFAULT_PP = ("pad_or_crop(seconds=1, random=True)|log_mel(sample_rate=16000, n_fft=400, "
               "hop=160, n_mels=64, channels=3)")
@@ -116,4 +117,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()
     sys.exit(main())

@@ -10,7 +10,8 @@ with the same network, batch, optimizer and clipping in eager PyTorch:
   vit:   configs/vit_finetune.py:model=S/16 at 128 px, batch 16, SGD momentum 0.9, clipping
          at 1.0; PyTorch: timm `vit_small_patch16_224` with img_size=128.
 
-The machine may be shared, so the systems run in one process, interleaved: --rounds rounds of
+Each workload runs in a process of its own, as a training run does (`_in_own_process`).
+The machine may be shared, so within it the systems run interleaved: --rounds rounds of
 --steps timed steps of tljax, then of PyTorch at each of --torch_threads thread counts (after
 warm-up steps of each); the tables give the median step of each over all its timed steps, the
 ratio of the medians (the fastest PyTorch's step time / tljax's: > 1 means tljax is faster)
@@ -21,9 +22,13 @@ several times faster than one per core.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -169,9 +174,32 @@ def interleaved(runs: dict[str, Any], rounds: int, steps: int, warmup: int = 2
     return times
 
 
+def _in_own_process(name: str, args: Any) -> dict[str, Any]:
+    """The suite's entry for workload `name`, measured by a fresh `tools/benchmark.py`."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--suite=cpu",
+                   f"--workloads={name}", f"--rounds={args.rounds}",
+                   f"--torch_threads={args.torch_threads}", f"--out={out}"]
+        command += [f"--steps={args.steps}"] if args.steps else []
+        command += [f"--compute_dtype={args.compute_dtype}"] if args.compute_dtype else []
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        [path] = Path(out).glob("cpu_*.json")
+        return json.loads(path.read_text())["workloads"][name]
+
+
 def cpu_suite(args: Any) -> dict[str, Any]:
     workloads = [w for w in args.workloads.split(",") if w]
     results: dict[str, Any] = {"workloads": {}}
+    if len(workloads) > 1:
+        # Each workload in a process of its own, as training runs are: with malloc keeping
+        # freed memory (tljax/malloc.py), one workload's heap would shape the next one's
+        # (in one process the ViT step ran 0.85x PyTorch's after Lite0, 1.01x alone).
+        for name in workloads:
+            results["workloads"][name] = entry = _in_own_process(name, args)
+            print(f"{name}: tljax {entry['tljax']['examples_per_s']:.1f} ex/s, ratio to "
+                  f"PyTorch's best {entry['ratio']:.2f}", flush=True)
+        results["setup"] = _setup(args)
+        return results
     for name in workloads:
         _, _, res, batch_size, reference, description = WORKLOADS[name]
         load_start = list(os.getloadavg())
@@ -200,18 +228,26 @@ def cpu_suite(args: Any) -> dict[str, Any]:
                           for k in entry["pytorch"]["best_of"])
               + f"; ratio to the best {entry['ratio']:.2f} "
               f"(load {load_start[0]:.2f} -> {entry['load_average_end'][0]:.2f})", flush=True)
-    results["setup"] = {"rounds": args.rounds, "steps_per_round": args.steps,
-                        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                        "compute_dtype": args.compute_dtype or "the config's"}
+    results["setup"] = _setup(args)
     return results
+
+
+def _setup(args: Any) -> dict[str, Any]:
+    return {"rounds": args.rounds, "steps_per_round": args.steps,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "compute_dtype": args.compute_dtype or "the config's",
+            "one_process_per_workload": len([w for w in args.workloads.split(",") if w]) > 1}
 
 
 def cpu_markdown(results: dict[str, Any]) -> str:
     setup = results["setup"]
-    lines = [f"Train step, tljax vs PyTorch, interleaved in one process ({setup['rounds']} "
-             f"rounds of {setup['steps_per_round']} steps each); CPU {setup['cpu']} "
-             f"x{setup['cpu_count']}, jax {setup['jax']}, XLA_FLAGS="
-             f"`{setup['xla_flags']}`. PyTorch (eager) at each thread count (`t`); ratio: the "
+    lines = [f"Train step, tljax vs PyTorch, interleaved in one process per workload "
+             f"({setup['rounds']} rounds of {setup['steps_per_round']} steps each); CPU "
+             f"{setup['cpu']} x{setup['cpu_count']}, jax {setup['jax']}, XLA_FLAGS="
+             f"`{setup['xla_flags']}`, GLIBC_TUNABLES=`{setup.get('glibc_tunables', '')}` "
+             "(tljax/malloc.py; both systems run with it). PyTorch (eager) at each thread "
+             "count (`t`); ratio: the "
              f"fastest PyTorch's median step time / tljax's (> 1: tljax faster).", "",
              "| workload | tljax train step | PyTorch train step | ratio | load average |",
              "|---|---|---|---|---|"]

@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from tljax import data, freeze, models, sharding, tasks, train  # noqa: E402
+from tljax.malloc import retain_freed_memory  # noqa: E402
 
 PRESETS = ("full", "linear_probe")
 
@@ -127,4 +128,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()
     sys.exit(main())
