@@ -198,7 +198,7 @@ def cpu_suite(args: Any) -> dict[str, Any]:
             results["workloads"][name] = entry = _in_own_process(name, args)
             print(f"{name}: tljax {entry['tljax']['examples_per_s']:.1f} ex/s, ratio to "
                   f"PyTorch's best {entry['ratio']:.2f}", flush=True)
-        results["setup"] = _setup(args)
+        results["setup"] = _setup(args, one_process_per_workload=True)
         return results
     for name in workloads:
         _, _, res, batch_size, reference, description = WORKLOADS[name]
@@ -228,16 +228,16 @@ def cpu_suite(args: Any) -> dict[str, Any]:
                           for k in entry["pytorch"]["best_of"])
               + f"; ratio to the best {entry['ratio']:.2f} "
               f"(load {load_start[0]:.2f} -> {entry['load_average_end'][0]:.2f})", flush=True)
-    results["setup"] = _setup(args)
+    results["setup"] = _setup(args, one_process_per_workload=False)
     return results
 
 
-def _setup(args: Any) -> dict[str, Any]:
+def _setup(args: Any, one_process_per_workload: bool) -> dict[str, Any]:
     return {"rounds": args.rounds, "steps_per_round": args.steps,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "compute_dtype": args.compute_dtype or "the config's",
-            "one_process_per_workload": len([w for w in args.workloads.split(",") if w]) > 1}
+            "one_process_per_workload": one_process_per_workload}
 
 
 def cpu_markdown(results: dict[str, Any]) -> str:
@@ -247,8 +247,8 @@ def cpu_markdown(results: dict[str, Any]) -> str:
              f"{setup['cpu']} x{setup['cpu_count']}, jax {setup['jax']}, XLA_FLAGS="
              f"`{setup['xla_flags']}`, GLIBC_TUNABLES=`{setup.get('glibc_tunables', '')}` "
              "(tljax/malloc.py; both systems run with it). PyTorch (eager) at each thread "
-             "count (`t`); ratio: the "
-             f"fastest PyTorch's median step time / tljax's (> 1: tljax faster).", "",
+             "count (`t`); ratio: the fastest PyTorch's median step time / tljax's (> 1: "
+             "tljax faster).", "",
              "| workload | tljax train step | PyTorch train step | ratio | load average |",
              "|---|---|---|---|---|"]
     for entry in results["workloads"].values():
