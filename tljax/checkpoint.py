@@ -62,7 +62,8 @@ def _quiet_abandoned_reads() -> None:
     closed' reports, other unraisable errors raised in Orbax or asyncio, or asyncio's 'Task
     exception was never retrieved' log lines, each with a traceback: ninety-odd of them after
     the one line that matters. Those reports, and only those, are dropped; whether and when
-    they appear depends on timing."""
+    they appear depends on timing, and the first can come while the failing restore is still
+    unwinding, so this is installed before checkpoints are read, not after a failure."""
     previous = sys.unraisablehook
     if getattr(previous, "tljax_quiet", False):
         return
@@ -102,13 +103,13 @@ class RunCheckpoints:
         freeze phase decides the optimizer state). Unreadable newer checkpoints are named in
         one line each and moved aside."""
         failed: list[tuple[int, BaseException]] = []
+        _quiet_abandoned_reads()
         for step in sorted(self._manager.all_steps(), reverse=True):
             abstract = abstract_at(step)
             try:
                 state, data_state = self.restore(step, abstract)
             except Exception as e:  # noqa: BLE001 - whatever the cause, it cannot be used
                 failed.append((step, e))
-                _quiet_abandoned_reads()
                 print(f"Checkpoint {step} in {self._directory} cannot be restored "
                       f"({_reason(e)}); trying the one before.", file=sys.stderr, flush=True)
                 continue
@@ -199,12 +200,12 @@ def load_variables(directory: str, step: int | None = None) -> tuple[dict, dict]
         if not steps:
             raise MissingFileError(f"{root} holds no finished checkpoint.")
         failed: list[tuple[int, BaseException]] = []
+        _quiet_abandoned_reads()
         for candidate in steps:
             try:
                 state = _restore_as_numpy(manager, candidate)
             except Exception as e:  # noqa: BLE001 - whatever the cause, it cannot be used
                 failed.append((candidate, e))
-                _quiet_abandoned_reads()
                 print(f"Checkpoint {candidate} in {root} cannot be restored ({_reason(e)})"
                       f"{'; trying the one before' if len(steps) > 1 else ''}.",
                       file=sys.stderr, flush=True)
