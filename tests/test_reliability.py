@@ -8,6 +8,7 @@ Device counts and process exits need their own processes; those cases run as sub
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from PIL import Image
 
 from tests.test_train import TINY
 from tljax import checkpoint, main, tree
+from tljax import workdir as workdir_lib
 from tljax.errors import InputError
 from tljax.workdir import RunDir
 
@@ -521,6 +524,42 @@ def test_the_lock_of_a_dead_run_is_taken_over(tmp_path):
     run = RunDir(str(workdir))
     run.claim()
     assert json.loads((workdir / ".lock").read_text())["pid"] == os.getpid()
+    run.release()
+
+
+def _peer_probe(workdir) -> int:
+    """An fd holding the lock as another process's start-up probe holds it, for an instant."""
+    fd = os.open(os.path.join(workdir, workdir_lib.LOCK), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return fd
+
+
+def test_the_processes_of_one_run_do_not_refuse_each_others_probe(tmp_path):
+    """All processes of a multi-process run probe the workdir as they start, at the same time."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / workdir_lib.LOCK).write_text('{"pid": 1}')  # left by an earlier, finished run
+    fd = _peer_probe(workdir)
+    try:
+        RunDir(str(workdir))  # process 0's probe, while process 1's holds the lock
+    finally:
+        os.close(fd)
+
+
+def test_claim_waits_out_a_probe_but_not_a_run(tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / workdir_lib.LOCK).write_text("")
+    run, second = RunDir(str(workdir)), RunDir(str(workdir))  # two runs started at once
+    fd = _peer_probe(workdir)
+    threading.Timer(0.3, os.close, (fd,)).start()  # a probe ends within microseconds
+    run.claim()
+    assert json.loads((workdir / workdir_lib.LOCK).read_text())["pid"] == os.getpid()
+    RunDir(str(workdir), probe_lock=False)  # process 1 of this run, there after 0 claimed
+    start = time.monotonic()
+    with pytest.raises(InputError, match="in use by another run"):
+        second.claim()  # a live run's lock is not waited out
+    assert time.monotonic() - start < workdir_lib.PROBE_WAIT_S + 1
     run.release()
 
 

@@ -77,9 +77,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """
     enable_compilation_cache()
     validate.check_config(config)  # every key, value and name, before any data is read
-    run = RunDir(workdir)  # a folder we may write that no other run holds
-    run.check_resume(config)  # a run saved there continues only with its model and data
     is_chief = jax.process_index() == 0
+    run = RunDir(workdir, probe_lock=is_chief)  # a folder we may write that no other run holds
+    run.check_resume(config)  # a run saved there continues only with its model and data
 
     # Mesh: the batch is split over all devices; parameters follow config.sharding_rules.
     mesh = sharding.make_mesh(config.mesh)

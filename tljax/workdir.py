@@ -18,7 +18,11 @@ config.json, results.json and metrics.jsonl as they were.
 The lock is WORKDIR/.lock, an `flock` held for the run's life and holding the holder's host,
 pid and start time. The kernel drops it when its process dies, however it dies, so the lock
 of a dead run is taken over without asking. It works across hosts on file systems with
-POSIX locks (NFSv4, Lustre, GPFS).
+POSIX locks (NFSv4, Lustre, GPFS). Every process of a multi-process run probes the lock as it
+starts: a probe takes it shared for an instant, so probes never refuse each other, and
+`claim` waits out a probe that holds it at that instant (`PROBE_WAIT_S`) before calling the
+workdir held. Once the processes have met, only process 0 looks at the lock: it may already
+hold it when a slower peer gets there.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import ml_collections
 from tljax.errors import InputError
 
 LOCK = ".lock"
+# A probe holds the lock for microseconds, a run for its life: longer than any probe.
+PROBE_WAIT_S = 2.0
 # What a checkpoint's contents and the data order depend on (see the module docstring).
 RESUME_KEYS = ("model_name", "model", "task", "freeze", "schedule", "llrd", "lr_mults",
                "wd_mults", "optim", "grad_clip_norm", "cache_features", "ema_decay", "seed",
@@ -79,9 +85,9 @@ def _holder(path: str) -> str:
             f"{info.get('started', '?')})")
 
 
-def _try_lock(fd: int) -> bool:
+def _try_lock(fd: int, mode: int = fcntl.LOCK_EX) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
@@ -90,7 +96,7 @@ def _try_lock(fd: int) -> bool:
 class RunDir:
     """A run's workdir; see the module docstring."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, probe_lock: bool = True):
         self.path = os.path.abspath(os.path.expanduser(path))
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise InputError(f"--workdir={path} is a file, not a folder: give a folder (it is "
@@ -101,7 +107,8 @@ class RunDir:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise InputError(f"--workdir={path}: {existing} is not writable by this user; "
                              "choose a folder you can write to.")
-        self._check_not_held()
+        if probe_lock:
+            self._check_not_held()
         self.saved_config = _read_json(os.path.join(self.path, "config.json"))
         self.results = _read_json(os.path.join(self.path, "results.json"))
         self.checkpoint_steps = sorted(
@@ -117,7 +124,7 @@ class RunDir:
             return
         fd = os.open(path, os.O_RDONLY)
         try:
-            if not _try_lock(fd):
+            if not _try_lock(fd, fcntl.LOCK_SH):
                 raise InputError(f"--workdir={self.path} is in use by another run: "
                                  f"{_holder(path)}. Wait for it to end, or stop it; a second "
                                  "run on the same workdir would corrupt both.")
@@ -183,10 +190,13 @@ class RunDir:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise InputError(f"Cannot create --workdir={self.path}: {e.strerror}.") from None
-        if not _try_lock(fd):
-            os.close(fd)
-            raise InputError(f"--workdir={self.path} is in use by another run: "
-                             f"{_holder(path)}. Wait for it to end, or stop it.")
+        deadline = time.monotonic() + PROBE_WAIT_S
+        while not _try_lock(fd):
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise InputError(f"--workdir={self.path} is in use by another run: "
+                                 f"{_holder(path)}. Wait for it to end, or stop it.")
+            time.sleep(0.05)
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
