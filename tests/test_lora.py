@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import numpy as np
 import pytest
@@ -24,11 +26,13 @@ def _case(family):
 
 
 def _perturb_b(variables, scale=0.1):
-    """Non-zero B (as after training), so the adapters change the output."""
+    """Non-zero B (as after training), so the adapters change the output.
+
+    Keyed by a checksum of the name: Python's str hash differs from process to process."""
     rng = jax.random.PRNGKey(7)
     return tree.map_with_names(
-        lambda n, x: jax.random.normal(jax.random.fold_in(rng, hash(n) % 1000), x.shape) * scale
-        if n.endswith("lora_b") else x, variables)
+        lambda n, x: jax.random.normal(jax.random.fold_in(rng, zlib.crc32(n.encode())), x.shape)
+        * scale if n.endswith("lora_b") else x, variables)
 
 
 @pytest.mark.parametrize("family", ["vit", "bert"])
@@ -100,8 +104,10 @@ def test_convolution_adapters(family, kwargs):
         assert flat["layer2_0/conv1/lora_a"].shape == (3 * 3 * 64, 2)  # strided 3x3
     trained = _perturb_b(variables)
     adapted = model.apply(trained, x)
-    assert np.abs(adapted - base.apply(plain, x)).max() > 1e-4
-    np.testing.assert_allclose(base.apply(model.merge(trained), x), adapted, rtol=2e-4,
-                               atol=2e-4)
+    # An untrained Lite0's logits are ~4e-4 and ResNet-18's ~0.8: compare on their own scale.
+    scale = np.abs(adapted).max()
+    assert np.abs(adapted - base.apply(plain, x)).max() > 0.05 * scale
+    np.testing.assert_allclose(base.apply(model.merge(trained), x), adapted, rtol=0,
+                               atol=1e-4 * scale)  # measured: <= 3e-6 * scale
     grads = tree.flatten(jax.grad(lambda v: model.apply(v, x).sum())(trained)["params"]["lora"])
     assert all(np.any(g) for g in grads.values())
