@@ -26,6 +26,13 @@ TOL_F32 = 1e-5
 TOL_GRAD = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def _xla_is_jax_nn(monkeypatch):
+    """'xla' on CPU computes the reference formula (faster there); compare jax.nn's instead,
+    the path 'xla' takes on other backends."""
+    monkeypatch.setattr(attn, "XLA_IS_REFERENCE_ON_CPU", False)
+
+
 def _max_rel(a, b) -> float:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
@@ -60,6 +67,21 @@ def test_functional_attention_matches_reference_with_padding_mask():
     two_v = jnp.asarray([[[[1.0] * 4]], [[[3.0] * 4]]]).reshape(1, 2, 1, 4)
     out = attn.attention(ones, jnp.ones((1, 2, 1, 4)), two_v, implementation="xla")
     np.testing.assert_allclose(out, jnp.full((1, 1, 1, 4), 2.0), atol=1e-6)
+
+
+def test_xla_on_cpu_computes_the_reference_formula(monkeypatch):
+    """On CPU, 'xla' takes the written-out formula (jax.nn's costs XLA:CPU layout copies);
+    the fixture above turns that off for the other tests of this file."""
+    monkeypatch.setattr(attn, "XLA_IS_REFERENCE_ON_CPU", True)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    xla = jax.make_jaxpr(lambda *a: attn.attention(*a, mask, implementation="xla"))(q, k, v)
+    ref = jax.make_jaxpr(lambda *a: attn.reference_attention(*a, mask))(q, k, v)
+    assert str(xla) == str(ref)
+    monkeypatch.setattr(attn, "XLA_IS_REFERENCE_ON_CPU", False)
+    jax_nn = jax.make_jaxpr(lambda *a: attn.attention(*a, mask, implementation="xla"))(q, k, v)
+    assert str(jax_nn) != str(ref)
 
 
 def test_unknown_implementation_and_cudnn_dropout_are_refused():

@@ -1,4 +1,5 @@
-"""tljax.models.layers: the CPU-friendly convolutions equal the Flax convolutions they replace."""
+"""tljax.models.layers: the CPU-friendly convolutions and matmuls equal the Flax layers they
+replace."""
 
 import flax.linen as nn
 import jax
@@ -61,3 +62,36 @@ def test_depthwise_conv_equals_grouped_conv(kernel, stride, size, batch):
     uses_loop = "while" in backward.as_text()
     assert uses_loop == (batch % layers.KERNEL_GRADIENT_IMAGES == 0 and jax.device_count() == 1
                          and batch > layers.KERNEL_GRADIENT_IMAGES)
+
+
+@pytest.mark.parametrize("features, axis", [((3, 4), -1), (5, (-2, -1)), (6, -1)])
+def test_matmul_dot_general_equals_dense_general(features, axis):
+    """As `DenseGeneral(dot_general=...)`: the query/key/value (D -> (H, Dh)), out ((H, Dh) ->
+    D) and plain Dense contractions give Flax's values and gradients, and the 2-D matmul is
+    what XLA gets (no dot with more than two operand axes in the jaxpr)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 3, 4) if axis != -1 else (2, 7, 12))
+    theirs = nn.DenseGeneral(features, axis=axis)
+    ours = nn.DenseGeneral(features, axis=axis, dot_general=layers.matmul_dot_general)
+    variables = jax.tree.map(lambda p: p + 0.25, theirs.init(jax.random.PRNGKey(1), x))
+    assert (jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x))
+            == jax.tree.map(jnp.shape, variables))
+    g = jax.random.normal(jax.random.PRNGKey(2), theirs.apply(variables, x).shape)
+    ref_y, ref_grads = _value_and_grads(theirs, variables, x, g)
+    y, grads = _value_and_grads(ours, variables, x, g)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    for mine, flax_grad in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(mine, flax_grad, rtol=1e-5, atol=1e-4)
+    jaxpr = jax.make_jaxpr(lambda v: ours.apply(v, x))(variables)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots and all(v.aval.ndim == 2 for e in dots for v in e.invars)
+
+
+def test_matmul_dot_general_leaves_other_contractions_to_lax():
+    """Batch dimensions, or contractions that are not trailing x leading, are not a Dense's:
+    they go to `lax.dot_general` unchanged."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4))
+    b = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 5))
+    for numbers in [(((2,), (1,)), ((0,), (0,))), (((1,), (0,)), ((), ()))]:
+        rhs = b if numbers[1][0] else b[0, :3]
+        np.testing.assert_array_equal(layers.matmul_dot_general(a, rhs, numbers),
+                                      jax.lax.dot_general(a, rhs, numbers))

@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tljax.models.attention import attention, check_implementation
-from tljax.models.layers import remat
+from tljax.models.layers import matmul_dot_general, remat
 
 VARIANTS = {  # name: (hidden_size, num_layers, num_heads, intermediate_size)
     "tiny": (128, 2, 2, 512),
@@ -76,7 +76,7 @@ def decode_variant(variant: str) -> dict[str, Any]:
 def _dense(features: int, dtype: Any, init_std: float, name: str) -> nn.Dense:
     # BERT initialises every linear layer N(0, initializer_range), biases zero.
     return nn.Dense(features, dtype=dtype, kernel_init=nn.initializers.normal(init_std),
-                    name=name)
+                    dot_general=matmul_dot_general, name=name)
 
 
 class Embeddings(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -160,6 +161,31 @@ class PointwiseConv(nn.Conv):
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         y = jnp.dot(inputs, kernel.reshape(kernel.shape[-2:]), precision=self.precision)
         return y + bias if bias is not None else y
+
+
+def matmul_dot_general(lhs: jnp.ndarray, rhs: jnp.ndarray, dimension_numbers: Any,
+                       precision: Any = None, preferred_element_type: Any = None
+                       ) -> jnp.ndarray:
+    """`lax.dot_general` for `nn.Dense` / `nn.DenseGeneral(dot_general=...)`: a contraction of
+    the trailing input axes with the leading kernel axes runs as one 2-D matmul,
+    (prod(batch), K) x (K, N), reshaped back; anything else goes to `lax.dot_general`.
+
+    Same maths, other HLO: for (B, T, D) x (D, F) and the attention kernels (D, H, Dh) and
+    (H, Dh, D), autodiff's gradients of the N-D contraction make XLA's CPU backend copy the
+    kernels and the widest gradient into transposed layouts every step; the 2-D form needs
+    none of those copies (ViT-S/16's CPU train step is ~4% faster).
+    """
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    n = len(lhs_contract)
+    if (lhs_batch or rhs_batch or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim))
+            or tuple(rhs_contract) != tuple(range(n))):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    depth = math.prod(rhs.shape[:n])
+    out = jax.lax.dot_general(lhs.reshape(-1, depth), rhs.reshape(depth, -1),
+                              (((1,), (0,)), ((), ())), precision=precision,
+                              preferred_element_type=preferred_element_type)
+    return out.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
 
 
 class LinearHead(nn.Module):

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tljax.models.bert import ACTIVATIONS as _BERT_ACTIVATIONS
+from tljax.models.layers import matmul_dot_general
 from tljax.models.model import Model
 
 # HF `hidden_act` / `activation_function` names -> activation ('gelu' is exact erf,
@@ -211,7 +212,8 @@ class Attention(nn.Module):
         if heads % kv_heads:
             raise ValueError(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}.")
         dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+                                  param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                                  dot_general=matmul_dot_general)
         batch, length, width = x.shape
         source = x if context is None else context
         q = dense(heads * dim, name="q")(x).reshape(batch, length, heads, dim)
@@ -262,7 +264,8 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+                                  param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                                  dot_general=matmul_dot_general)
         act = activation(self.activation)
         h = dense(self.intermediate_size, name="up")(x)
         if self.gated:

@@ -35,7 +35,7 @@ import numpy as np
 
 from tljax import tree
 from tljax.models.attention import MultiHeadDotProductAttention, check_implementation
-from tljax.models.layers import remat
+from tljax.models.layers import matmul_dot_general, remat
 
 VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
     "Ti": (192, 12, 768, 3),
@@ -74,7 +74,8 @@ class MlpBlock(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         init = nn.initializers
         dense = lambda n: nn.Dense(n, dtype=self.dtype, kernel_init=init.xavier_uniform(),
-                                   bias_init=init.normal(stddev=1e-6))
+                                   bias_init=init.normal(stddev=1e-6),
+                                   dot_general=matmul_dot_general)
         width = x.shape[-1]
         x = _gelu(self.gelu_approximate)(dense(self.mlp_dim)(x))
         x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
