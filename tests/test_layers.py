@@ -16,6 +16,19 @@ def _value_and_grads(module: nn.Module, variables: dict, x: jnp.ndarray, g: jnp.
     return module.apply(variables, x), jax.grad(f, argnums=(0, 1))(variables, x)
 
 
+def _assert_same_function(ours: nn.Module, theirs: nn.Module, variables: dict,
+                          x: jnp.ndarray, g: jnp.ndarray) -> None:
+    """`ours` takes `theirs`'s parameter tree (so checkpoints and LoRA targets are unchanged)
+    and gives its values, and gradients of <output, g>, to float32 rounding."""
+    assert (jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x))
+            == jax.tree.map(jnp.shape, variables))
+    ref_y, ref_grads = _value_and_grads(theirs, variables, x, g)
+    y, grads = _value_and_grads(ours, variables, x, g)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    for mine, reference in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_pointwise_conv_equals_flax_conv(use_bias):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 6))
@@ -23,16 +36,8 @@ def test_pointwise_conv_equals_flax_conv(use_bias):
     variables = conv.init(jax.random.PRNGKey(1), x)
     if use_bias:
         variables = jax.tree.map(lambda p: p + 0.5, variables)
-    pointwise = PointwiseConv(4, (1, 1), use_bias=use_bias)
-    # Same parameter tree, so checkpoints and LoRA targets are unchanged.
-    assert (jax.tree.map(jnp.shape, pointwise.init(jax.random.PRNGKey(1), x))
-            == jax.tree.map(jnp.shape, variables))
     g = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 7, 4))
-    ref_y, ref_grads = _value_and_grads(conv, variables, x, g)
-    y, grads = _value_and_grads(pointwise, variables, x, g)
-    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
-    for ours, theirs in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+    _assert_same_function(PointwiseConv(4, (1, 1), use_bias=use_bias), conv, variables, x, g)
 
 
 def test_pointwise_conv_rejects_other_shapes():
@@ -73,14 +78,8 @@ def test_matmul_dot_general_equals_dense_general(features, axis):
     theirs = nn.DenseGeneral(features, axis=axis)
     ours = nn.DenseGeneral(features, axis=axis, dot_general=layers.matmul_dot_general)
     variables = jax.tree.map(lambda p: p + 0.25, theirs.init(jax.random.PRNGKey(1), x))
-    assert (jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x))
-            == jax.tree.map(jnp.shape, variables))
     g = jax.random.normal(jax.random.PRNGKey(2), theirs.apply(variables, x).shape)
-    ref_y, ref_grads = _value_and_grads(theirs, variables, x, g)
-    y, grads = _value_and_grads(ours, variables, x, g)
-    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
-    for mine, flax_grad in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(mine, flax_grad, rtol=1e-5, atol=1e-4)
+    _assert_same_function(ours, theirs, variables, x, g)
     jaxpr = jax.make_jaxpr(lambda v: ours.apply(v, x))(variables)
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
     assert dots and all(v.aval.ndim == 2 for e in dots for v in e.invars)
