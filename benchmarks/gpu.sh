@@ -7,10 +7,13 @@
 # PYTHONPATH with `pip install --no-index`. Results land in $OUT (default benchmarks/gpu/):
 #
 #   machine.txt                  nvidia-smi, jax devices, versions
-#   attention.log                tests/test_attention.py on the GPU (cuDNN vs reference included)
-#   step_gpu.{json,md}           ViT-B/16, 224 px, batch 256, bf16: tljax (cuDNN attention) vs
-#                                timm eager and timm + torch.compile, img/s and MFU
-#   step_gpu_xla_attention.*     the tljax step with XLA's attention instead of cuDNN's
+#   attention.log                tests/test_attention.py and tests/test_layers.py on the GPU
+#                                (cuDNN vs reference, the 2-D matmul Dense vs Flax's)
+#   step_gpu.{json,md}           ViT-B/16, 224 px, batch 256, bf16: tljax (XLA's attention) vs
+#                                timm eager and timm + torch.compile, img/s and MFU; the tljax
+#                                step with Flax's N-D Dense dots too (tljax_nd_dense)
+#   step_gpu_cudnn_attention.*   the tljax step with cuDNN's attention (jax 0.11.2 with cuDNN
+#                                9.19 refuses the 197 tokens in training: the error is recorded)
 #   step_gpu_flags_*.*           the tljax step under candidate XLA flags (one process each)
 #   memory_gpu.{json,md}         ViT-L/16 full fine-tuning, batch 128, peak memory per device
 #   input_gpu.{json,md}          JPEG pipeline examples/s against worker processes
@@ -64,16 +67,18 @@ STEP="tools/benchmark.py --suite=step --model=B/16 --res=224 --batch=256 --dtype
   --classes=1000 --reps=10 --out=$OUT"
 # float32 parity at float32 precision (GPUs may otherwise multiply float32 in TF32).
 part attention 45 env JAX_DEFAULT_MATMUL_PRECISION=highest \
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py
-part step 200 "$PY" $STEP --attention=cudnn --torch_compile
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_layers.py
+part step 240 "$PY" $STEP --attention=xla --torch_compile \
+  --systems=tljax,tljax_nd_dense,tljax_lp,tljax_forward,timm,timm_compile
 part input 50 "$PY" tools/benchmark.py --suite=input --workers=0,1,2,4,8,16 --batch=256 \
   --images=512 --steps=6 --out="$OUT"
-part step_xla_attention 45 "$PY" $STEP --attention=xla --systems=tljax --tag=_xla_attention
+part step_cudnn_attention 90 "$PY" $STEP --attention=cudnn --systems=tljax \
+  --tag=_cudnn_attention
 part memory 90 "$PY" tools/benchmark.py --suite=memory --model=L/16 --batch=128 \
-  --dtype=bfloat16 --attention=cudnn --remat=none,full --scan --out="$OUT"
+  --dtype=bfloat16 --attention=xla --remat=none,full --scan --out="$OUT"
 # Candidate XLA flags for one GPU (README, "Performance"): each in its own process.
 part flags_no_triton_gemm 45 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
-  "$PY" $STEP --attention=cudnn --systems=tljax --tag=_flags_no_triton_gemm
+  "$PY" $STEP --attention=xla --systems=tljax --tag=_flags_no_triton_gemm
 part flags_latency_hiding 45 env XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true" \
-  "$PY" $STEP --attention=cudnn --systems=tljax --tag=_flags_latency_hiding
+  "$PY" $STEP --attention=xla --systems=tljax --tag=_flags_latency_hiding
 echo "[gpu.sh] done in $((SECONDS - START)) s; results in $OUT"

@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory: every policy also with scanned blocks")
     parser.add_argument("--accum_steps", type=int, default=1, help="memory: microbatches")
     parser.add_argument("--systems", default="tljax,tljax_lp,tljax_forward,timm,timm_compile",
-                        help="step: which of tljax, tljax_lp, tljax_forward, timm, timm_compile")
+                        help="step: which of tljax, tljax_nd_dense, tljax_lp, tljax_forward, timm, "
+                        "timm_compile")
     parser.add_argument("--torch_compile", action="store_true",
                         help="step: include timm + torch.compile (needs a C++ compiler on CPU)")
     parser.add_argument("--peak_tflops", type=float, default=None,

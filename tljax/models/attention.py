@@ -15,7 +15,9 @@ broadcastable to (B, H, T, S). The implementations compute the same function:
                on NVIDIA GPUs; needs bfloat16/float16 inputs (`compute_dtype='bfloat16'`) and a
                head dimension that is a multiple of 8 (<= 128, or 256 on Hopper); it never
                materialises the (T, S) probabilities. A mask becomes an additive bias there,
-               which in training needs even T and S. Unsupported shapes raise at trace time.
+               which in training needs even T and S; with jax 0.11.2 and cuDNN 9.19 training
+               needs even T and S with no mask too (ViT-B/16's 197 tokens are refused, its
+               forward pass is not). Unsupported shapes raise a ValueError at trace time.
   'reference'  the formula written out with einsums: what the fused kernels are tested
                against, and the path that supports dropout on the attention probabilities.
 
@@ -101,8 +103,17 @@ def attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
     if implementation == "cudnn" and query.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention='cudnn' needs bfloat16 or float16 inputs, got "
                          f"{query.dtype}: set compute_dtype='bfloat16' or attention='xla'.")
-    return jax.nn.dot_product_attention(query, key, value, mask=_as_4d_mask(mask),
-                                        implementation=implementation)
+    try:
+        return jax.nn.dot_product_attention(query, key, value, mask=_as_4d_mask(mask),
+                                            implementation=implementation)
+    except NotImplementedError as e:  # cuDNN's shape checks, raised while tracing
+        if implementation != "cudnn":
+            raise
+        raise ValueError(
+            f"attention='cudnn' cannot take queries {query.shape} and keys {key.shape} "
+            f"(batch, tokens, heads, head dim): {e} cuDNN's training kernel needs even token "
+            f"counts (a ViT at 224 px has 197: 196 patches and the class token) and a head dim "
+            f"that is a multiple of 8; set attention='xla' for these shapes.") from e
 
 
 class MultiHeadDotProductAttention(nn.Module):

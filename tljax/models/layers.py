@@ -163,6 +163,11 @@ class PointwiseConv(nn.Conv):
         return y + bias if bias is not None else y
 
 
+# False: `matmul_dot_general` is plain `lax.dot_general` (Flax's N-D contraction), for A/Bs
+# such as the step benchmark's `tljax_nd_dense`. Read at trace time.
+DENSE_AS_2D_MATMUL = True
+
+
 def matmul_dot_general(lhs: jnp.ndarray, rhs: jnp.ndarray, dimension_numbers: Any,
                        precision: Any = None, preferred_element_type: Any = None
                        ) -> jnp.ndarray:
@@ -177,7 +182,8 @@ def matmul_dot_general(lhs: jnp.ndarray, rhs: jnp.ndarray, dimension_numbers: An
     """
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
     n = len(lhs_contract)
-    if (lhs_batch or rhs_batch or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim))
+    if (not DENSE_AS_2D_MATMUL or lhs_batch or rhs_batch
+            or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim))
             or tuple(rhs_contract) != tuple(range(n))):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
